@@ -1,0 +1,178 @@
+//! Server configuration: a TOML file, or the built-in default that serves every model in the
+//! manifest `models/models.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::manifest::{Manifest, ManifestError, ModelSource};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Folder holding `models.toml` and the model files laid out as `<id>/<file>`.
+    #[serde(default = "default_models_dir")]
+    pub models_dir: PathBuf,
+    /// Models to serve; when empty, every model of the manifest is served.
+    #[serde(default, rename = "model")]
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests that may wait per model before new ones get 429.
+    pub queue_capacity: usize,
+    /// `max_tokens` of a request that does not set it.
+    pub default_max_tokens: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 4 * 1024 * 1024,
+            queue_capacity: 16,
+            default_max_tokens: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Name clients use in the `model` field.
+    pub id: String,
+    /// Local GGUF file. Relative paths are resolved against the working directory.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Hugging Face repository and file, used when `path` is not set.
+    #[serde(default)]
+    pub hf_repo: Option<String>,
+    #[serde(default)]
+    pub hf_file: Option<String>,
+    #[serde(default)]
+    pub hf_revision: Option<String>,
+    /// Context window served, in tokens; at most the model's own.
+    #[serde(default)]
+    pub context_length: Option<usize>,
+    /// Jinja chat template replacing the one in the GGUF file.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+}
+
+fn default_models_dir() -> PathBuf {
+    PathBuf::from("models")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            models_dir: default_models_dir(),
+            models: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Returns the models to serve: the configured ones, or every manifest model.
+    pub fn resolved_models(&self) -> Result<Vec<ModelConfig>, ConfigError> {
+        let models = if self.models.is_empty() {
+            self.manifest_models()?
+        } else {
+            self.models.clone()
+        };
+
+        let mut seen = std::collections::HashSet::new();
+        for model in &models {
+            if !seen.insert(model.id.as_str()) {
+                return Err(ConfigError::Invalid(format!("model id `{}` is listed twice", model.id)));
+            }
+            if model.path.is_none() && model.hf_repo.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "model `{}` needs `path` or `hf_repo`",
+                    model.id
+                )));
+            }
+            if model.hf_repo.is_some() && model.hf_file.is_none() && model.path.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "model `{}` sets `hf_repo` but no `hf_file`",
+                    model.id
+                )));
+            }
+        }
+        if models.is_empty() {
+            return Err(ConfigError::Invalid("no models to serve".into()));
+        }
+        Ok(models)
+    }
+
+    fn manifest_models(&self) -> Result<Vec<ModelConfig>, ConfigError> {
+        let manifest = Manifest::load(&self.models_dir.join("models.toml"))?;
+        let models = manifest
+            .models
+            .into_iter()
+            .map(|entry| {
+                let mut model = ModelConfig {
+                    id: entry.id.clone(),
+                    path: None,
+                    hf_repo: None,
+                    hf_file: None,
+                    hf_revision: None,
+                    context_length: entry.context_length,
+                    chat_template: None,
+                };
+                match entry.source {
+                    ModelSource::Pypi { .. } => {
+                        model.path = Some(self.models_dir.join(&entry.id).join(&entry.file));
+                    }
+                    ModelSource::Hf {
+                        repo,
+                        revision,
+                        file,
+                    } => {
+                        model.hf_repo = Some(repo);
+                        model.hf_revision = revision;
+                        model.hf_file = Some(file.unwrap_or(entry.file));
+                    }
+                }
+                model
+            })
+            .collect();
+        Ok(models)
+    }
+}

@@ -1,0 +1,256 @@
+//! The token generation loop for one request: prefill, decode, stop conditions and streaming.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::sampler::{Sampler, SamplingParams};
+use super::stop::{StopMatcher, StopOutcome};
+use crate::model::LoadedModel;
+use crate::tokenizer::StreamDecoder;
+
+/// Prompt tokens run through the model per forward call. Bounds the attention score buffer
+/// (heads × chunk × context floats) while keeping prefill batched.
+pub const PREFILL_CHUNK: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub request_id: String,
+    pub prompt_tokens: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Number of alternatives per token to report; `None` reports no log-probabilities.
+    pub logprobs: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub queue: Duration,
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
+#[derive(Debug)]
+pub enum GenerationEvent {
+    /// Text that became final, with the log-probabilities of the tokens produced since the
+    /// previous event (when requested).
+    Delta {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        timings: Timings,
+    },
+    Failed(String),
+}
+
+/// Runs one request to completion, sending events to `events`. Returns early, without error,
+/// when the receiver is gone (the client disconnected): at most one decode step runs after that.
+pub fn generate(
+    model: &Arc<LoadedModel>,
+    request: &GenerationRequest,
+    queued_for: Duration,
+    events: &mpsc::Sender<GenerationEvent>,
+) {
+    let result = run(model, request, queued_for, events);
+    if let Err(message) = result {
+        tracing::error!(request_id = %request.request_id, error = %message, "generation failed");
+        let _ = events.blocking_send(GenerationEvent::Failed(message));
+    }
+}
+
+fn run(
+    model: &Arc<LoadedModel>,
+    request: &GenerationRequest,
+    queued_for: Duration,
+    events: &mpsc::Sender<GenerationEvent>,
+) -> Result<(), String> {
+    let network = &model.network;
+    let context = network.hparams().context_length;
+    let prompt = &request.prompt_tokens;
+    let mut timings = Timings {
+        queue: queued_for,
+        ..Default::default()
+    };
+    if prompt.is_empty() {
+        return Err("the prompt has no tokens".into());
+    }
+
+    let max_len = (prompt.len() + request.max_tokens).min(context);
+    let mut cache = network.new_cache(max_len);
+
+    let started = Instant::now();
+    let mut logits = None;
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        if events.is_closed() {
+            return Ok(());
+        }
+        let output = network.forward(chunk, &mut cache).map_err(|e| e.to_string())?;
+        logits = Some(output);
+    }
+    timings.prefill = started.elapsed();
+    let Some(mut logits) = logits else {
+        return Err("the prompt has no tokens".into());
+    };
+
+    let mut sampler = Sampler::new(request.sampling.clone());
+    let mut decoder = StreamDecoder::new(true);
+    let mut stop = StopMatcher::new(request.stop.clone());
+    let end_tokens = end_of_generation_tokens(model);
+    let budget = request.max_tokens.min(context.saturating_sub(prompt.len()));
+
+    let decode_started = Instant::now();
+    let mut completion_tokens = 0;
+    let mut pending_logprobs = Vec::new();
+    let mut reason = FinishReason::Length;
+    let mut stopped_by_string = false;
+
+    while completion_tokens < budget {
+        let values: Vec<f32> = logits.to_vec1().map_err(|e| e.to_string())?;
+        let top_count = request.logprobs.unwrap_or(0);
+        let token = sampler.sample(&values, top_count);
+        completion_tokens += 1;
+
+        if end_tokens.contains(&token.id) {
+            reason = FinishReason::Stop;
+            break;
+        }
+        if request.logprobs.is_some() {
+            pending_logprobs.push(TokenLogprob {
+                token: token_text(model, token.id),
+                logprob: token.logprob,
+                top: token
+                    .top
+                    .iter()
+                    .map(|(id, logprob)| (token_text(model, *id), *logprob))
+                    .collect(),
+            });
+        }
+
+        let text = decoder
+            .push(&model.tokenizer, token.id)
+            .map_err(|e| e.to_string())?;
+        match stop.push(&text) {
+            StopOutcome::Continue(ready) => {
+                if !ready.is_empty() || !pending_logprobs.is_empty() {
+                    let event = GenerationEvent::Delta {
+                        text: ready,
+                        logprobs: std::mem::take(&mut pending_logprobs),
+                    };
+                    if events.blocking_send(event).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            StopOutcome::Stopped(ready) => {
+                let event = GenerationEvent::Delta {
+                    text: ready,
+                    logprobs: std::mem::take(&mut pending_logprobs),
+                };
+                if events.blocking_send(event).is_err() {
+                    return Ok(());
+                }
+                reason = FinishReason::Stop;
+                stopped_by_string = true;
+                break;
+            }
+        }
+
+        if completion_tokens == budget {
+            break;
+        }
+        if events.is_closed() {
+            return Ok(());
+        }
+        logits = network
+            .forward(&[token.id], &mut cache)
+            .map_err(|e| e.to_string())?;
+    }
+
+    if !stopped_by_string {
+        let tail = decoder.finish(&model.tokenizer).map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        match stop.push(&tail) {
+            StopOutcome::Continue(ready) => {
+                text.push_str(&ready);
+                text.push_str(&stop.finish());
+            }
+            StopOutcome::Stopped(ready) => {
+                text.push_str(&ready);
+                reason = FinishReason::Stop;
+            }
+        }
+        if !text.is_empty() || !pending_logprobs.is_empty() {
+            let event = GenerationEvent::Delta {
+                text,
+                logprobs: pending_logprobs,
+            };
+            if events.blocking_send(event).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    timings.decode = decode_started.elapsed();
+
+    let _ = events.blocking_send(GenerationEvent::Finished {
+        reason,
+        prompt_tokens: prompt.len(),
+        completion_tokens,
+        timings,
+    });
+    Ok(())
+}
+
+/// Tokens that end generation: EOS and the control tokens that close a turn.
+fn end_of_generation_tokens(model: &LoadedModel) -> Vec<u32> {
+    const END_OF_TURN: [&str; 5] = [
+        "<|im_end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|eot_id|>",
+        "<|end|>",
+    ];
+    let mut ids: Vec<u32> = model.special.eos.into_iter().collect();
+    for text in END_OF_TURN {
+        if let Some(id) = model.tokenizer.token_to_id(text) {
+            if model.special.control.contains(&id) && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+fn token_text(model: &LoadedModel, id: u32) -> String {
+    model
+        .tokenizer
+        .decode(&[id], false)
+        .unwrap_or_else(|_| String::new())
+}

@@ -1,0 +1,13 @@
+//! Text generation on loaded models: chat templates, sampling, stop strings, the decode loop
+//! and the per-model worker threads that run it.
+
+pub mod chat_template;
+pub mod generate;
+pub mod sampler;
+pub mod stop;
+pub mod worker;
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use generate::{FinishReason, GenerationEvent, GenerationRequest, TokenLogprob};
+pub use sampler::SamplingParams;
+pub use worker::{ModelWorker, QueueFull};

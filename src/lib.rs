@@ -1,0 +1,10 @@
+//! tierd: a local tier-3 inference server for small quantized models.
+
+pub mod model;
+pub mod tokenizer;
+pub mod engine;
+pub mod config;
+pub mod manifest;
+pub mod hub;
+pub mod registry;
+pub mod server;

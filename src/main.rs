@@ -1,0 +1,144 @@
+//! The `tierd` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tierd::config::Config;
+use tierd::registry::{self, Registry, ServedModel};
+use tierd::server::{self, AppState};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "tierd", version, about = "Local tier-3 inference server with an OpenAI-compatible API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the configured models and serve the HTTP API.
+    Serve {
+        /// TOML configuration file; without it every model in <models-dir>/models.toml is served.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1, or the config's server.host].
+        #[arg(long)]
+        host: Option<String>,
+        /// Port to listen on [default: 8080, or the config's server.port].
+        #[arg(long)]
+        port: Option<u16>,
+        /// Folder with models.toml and the fetched models [default: models].
+        #[arg(long)]
+        models_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            host,
+            port,
+            models_dir,
+        } => {
+            let mut config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::default(),
+            };
+            if let Some(host) = host {
+                config.server.host = host;
+            }
+            if let Some(port) = port {
+                config.server.port = port;
+            }
+            if let Some(dir) = models_dir {
+                config.models_dir = dir;
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?
+                .block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let models = config.resolved_models()?;
+    // Fail before binding when a local file is missing, rather than after a partial load.
+    for model in &models {
+        registry::local_path(model)?;
+    }
+
+    let address = format!("{}:{}", config.server.host, config.server.port);
+    let address: SocketAddr = tokio::net::lookup_host(&address)
+        .await
+        .with_context(|| format!("invalid listen address `{address}`"))?
+        .next()
+        .with_context(|| format!("listen address `{address}` resolves to nothing"))?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("failed to listen on {address}"))?;
+    tracing::info!(%address, models = models.len(), "listening; loading models");
+
+    let queue_capacity = config.server.queue_capacity;
+    let state = Arc::new(AppState::new(config));
+    let loader_state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut served = Vec::with_capacity(models.len());
+        for model in &models {
+            match ServedModel::load(model, queue_capacity) {
+                Ok(loaded) => served.push(loaded),
+                Err(error) => {
+                    tracing::error!(%error, "failed to load a model; exiting");
+                    std::process::exit(1);
+                }
+            }
+        }
+        if loader_state.registry.set(Registry::new(served)).is_err() {
+            tracing::error!("models were loaded twice");
+        }
+        tracing::info!("all models loaded; ready");
+    });
+
+    axum::serve(listener, server::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the HTTP server failed")?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutdown requested; finishing open requests");
+}

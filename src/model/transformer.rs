@@ -1,0 +1,367 @@
+//! Decoder-only transformer over quantized GGUF weights, shared by llama, qwen2 and gemma3.
+//!
+//! The architectures differ only in details that [`HParams`] records: rope pairing, QKV biases,
+//! per-head Q/K norms, post-attention and post-feed-forward norms, embedding scaling, the
+//! activation, and Gemma 3's sliding-window layers. Attention never copies the KV cache: query
+//! heads are grouped under their shared key/value head and multiplied against cache views.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+use super::hparams::{Activation, HParams, RopeStyle};
+use super::kv_cache::KvCache;
+use super::rope::RopeTables;
+use super::ModelError;
+
+struct Attention {
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+}
+
+struct FeedForward {
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    attention: Attention,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    feed_forward: FeedForward,
+    post_ffn_norm: Option<Tensor>,
+    /// Sliding-window size of this layer; `None` for full attention.
+    window: Option<usize>,
+}
+
+pub struct Transformer {
+    hparams: HParams,
+    embeddings: Arc<QTensor>,
+    layers: Vec<Layer>,
+    output_norm: Tensor,
+    output: QMatMul,
+    rope_global: RopeTables,
+    rope_local: RopeTables,
+}
+
+struct TensorReader<'a> {
+    content: &'a Content,
+    file: File,
+    device: Device,
+}
+
+impl TensorReader<'_> {
+    fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        self.content
+            .tensor(&mut self.file, name, &self.device)
+            .map_err(|source| ModelError::Tensor {
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn matmul(&mut self, name: &str) -> Result<QMatMul, ModelError> {
+        let tensor = self.qtensor(name)?;
+        QMatMul::from_arc(Arc::new(tensor)).map_err(|source| ModelError::Tensor {
+            name: name.to_string(),
+            source,
+        })
+    }
+
+    /// Reads a small tensor (norm weight or bias) as dense f32.
+    fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
+        let tensor = self.qtensor(name)?;
+        tensor
+            .dequantize(&self.device)
+            .map_err(|source| ModelError::Tensor {
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    fn optional_dense(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+        if self.has(name) {
+            self.dense(name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl Transformer {
+    /// Loads the weights of a GGUF file whose metadata has already been read into `content`.
+    pub fn load(path: &Path, content: &Content, hparams: HParams) -> Result<Self, ModelError> {
+        let file = File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut reader = TensorReader {
+            content,
+            file,
+            device: Device::Cpu,
+        };
+
+        let embeddings = Arc::new(reader.qtensor("token_embd.weight")?);
+        let output = if reader.has("output.weight") {
+            reader.matmul("output.weight")?
+        } else {
+            // Tied embeddings: the output projection shares the embedding matrix.
+            QMatMul::from_arc(embeddings.clone()).map_err(|source| ModelError::Tensor {
+                name: "token_embd.weight".into(),
+                source,
+            })?
+        };
+        let output_norm = reader.dense("output_norm.weight")?;
+
+        let mut layers = Vec::with_capacity(hparams.n_layer);
+        for index in 0..hparams.n_layer {
+            let name = |suffix: &str| format!("blk.{index}.{suffix}");
+            let attention = Attention {
+                wq: reader.matmul(&name("attn_q.weight"))?,
+                wk: reader.matmul(&name("attn_k.weight"))?,
+                wv: reader.matmul(&name("attn_v.weight"))?,
+                wo: reader.matmul(&name("attn_output.weight"))?,
+                q_bias: reader.optional_dense(&name("attn_q.bias"))?,
+                k_bias: reader.optional_dense(&name("attn_k.bias"))?,
+                v_bias: reader.optional_dense(&name("attn_v.bias"))?,
+                q_norm: reader.optional_dense(&name("attn_q_norm.weight"))?,
+                k_norm: reader.optional_dense(&name("attn_k_norm.weight"))?,
+            };
+            if hparams.qk_norm && (attention.q_norm.is_none() || attention.k_norm.is_none()) {
+                return Err(ModelError::MissingTensor(name("attn_q_norm.weight")));
+            }
+            let feed_forward = FeedForward {
+                gate: reader.matmul(&name("ffn_gate.weight"))?,
+                up: reader.matmul(&name("ffn_up.weight"))?,
+                down: reader.matmul(&name("ffn_down.weight"))?,
+            };
+            let (post_attn_norm, post_ffn_norm) = if hparams.post_norms {
+                (
+                    Some(reader.dense(&name("post_attention_norm.weight"))?),
+                    Some(reader.dense(&name("post_ffw_norm.weight"))?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                attn_norm: reader.dense(&name("attn_norm.weight"))?,
+                attention,
+                post_attn_norm,
+                ffn_norm: reader.dense(&name("ffn_norm.weight"))?,
+                feed_forward,
+                post_ffn_norm,
+                window: hparams.layer_window(index),
+            });
+        }
+
+        let rope_global = RopeTables::new(hparams.head_dim, hparams.rope_base, hparams.rope_scale);
+        let rope_local = RopeTables::new(hparams.head_dim, hparams.rope_base_local, 1.0);
+        Ok(Self {
+            hparams,
+            embeddings,
+            layers,
+            output_norm,
+            output,
+            rope_global,
+            rope_local,
+        })
+    }
+
+    pub fn hparams(&self) -> &HParams {
+        &self.hparams
+    }
+
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(
+            self.hparams.n_layer,
+            self.hparams.n_kv_head,
+            self.hparams.head_dim,
+            max_len.min(self.hparams.context_length),
+        )
+    }
+
+    /// Runs `tokens` at the cache's next positions and returns the logits of the last one, as
+    /// an f32 vector of `n_vocab` values. The cache keeps the keys and values of every token.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        if tokens.is_empty() {
+            candle_core::bail!("forward called with no tokens");
+        }
+        let seq = tokens.len();
+        let start_pos = cache.len();
+        let hp = &self.hparams;
+
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let mut x = self.embeddings.embedding(&ids)?;
+        if hp.scale_embeddings {
+            x = (x * (hp.n_embd as f64).sqrt())?;
+        }
+
+        let (cos_global, sin_global) = self.rope_global.tables(start_pos, seq)?;
+        let (cos_local, sin_local) = self.rope_local.tables(start_pos, seq)?;
+
+        for (index, layer) in self.layers.iter().enumerate() {
+            let (cos, sin) = match layer.window {
+                Some(_) => (&cos_local, &sin_local),
+                None => (&cos_global, &sin_global),
+            };
+            let h = rms_norm(&x, &layer.attn_norm, hp.rms_eps)?;
+            let mut h = self.attention(layer, index, &h, cos, sin, cache)?;
+            if let Some(norm) = &layer.post_attn_norm {
+                h = rms_norm(&h, norm, hp.rms_eps)?;
+            }
+            x = (x + h)?;
+
+            let h = rms_norm(&x, &layer.ffn_norm, hp.rms_eps)?;
+            let mut h = self.feed_forward(&layer.feed_forward, &h)?;
+            if let Some(norm) = &layer.post_ffn_norm {
+                h = rms_norm(&h, norm, hp.rms_eps)?;
+            }
+            x = (x + h)?;
+        }
+        cache.advance(seq);
+
+        let last = x.narrow(0, seq - 1, 1)?;
+        let last = rms_norm(&last, &self.output_norm, hp.rms_eps)?;
+        self.output.forward(&last)?.squeeze(0)
+    }
+
+    fn feed_forward(&self, ffn: &FeedForward, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = ffn.gate.forward(x)?;
+        let up = ffn.up.forward(x)?;
+        let gate = match self.hparams.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        ffn.down.forward(&(gate * up)?)
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        index: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let hp = &self.hparams;
+        let attn = &layer.attention;
+        let seq = x.dim(0)?;
+        let start_pos = cache.len();
+
+        let project = |w: &QMatMul, bias: &Option<Tensor>, heads: usize| {
+            let mut y = w.forward(x)?;
+            if let Some(bias) = bias {
+                y = y.broadcast_add(bias)?;
+            }
+            y.reshape((seq, heads, hp.head_dim))
+        };
+        let mut q = project(&attn.wq, &attn.q_bias, hp.n_head)?;
+        let mut k = project(&attn.wk, &attn.k_bias, hp.n_kv_head)?;
+        let v = project(&attn.wv, &attn.v_bias, hp.n_kv_head)?;
+        if let Some(norm) = &attn.q_norm {
+            q = rms_norm(&q, norm, hp.rms_eps)?;
+        }
+        if let Some(norm) = &attn.k_norm {
+            k = rms_norm(&k, norm, hp.rms_eps)?;
+        }
+
+        // (seq, heads, head_dim) -> (1, heads, seq, head_dim), the layout of candle's rope.
+        let q = q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let k = k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let (q, k) = match hp.rope_style {
+            RopeStyle::Halves => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+            RopeStyle::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+        };
+        let q = q.squeeze(0)?;
+        let k = k.squeeze(0)?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+
+        // A sliding-window layer only ever needs the last `window - 1` positions before the
+        // first query, so the view starts there.
+        let first_key = match layer.window {
+            Some(window) => (start_pos + 1).saturating_sub(window),
+            None => 0,
+        };
+        let (keys, values) = cache.append(index, &k, &v, first_key)?;
+        let n_keys = keys.dim(1)?;
+
+        // Group the query heads that share a key/value head: (n_kv, group * seq, head_dim).
+        let group = hp.n_head / hp.n_kv_head;
+        let q = q.reshape((hp.n_kv_head, group * seq, hp.head_dim))?;
+        let scale = 1.0 / (hp.head_dim as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?;
+
+        let scores = if seq > 1 || layer.window.is_some_and(|w| n_keys > w) {
+            let mask = attention_mask(seq, start_pos, first_key, n_keys, layer.window)?;
+            scores
+                .reshape((hp.n_kv_head, group, seq, n_keys))?
+                .broadcast_add(&mask)?
+                .reshape((hp.n_kv_head, group * seq, n_keys))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&values.contiguous()?)?;
+
+        // (n_kv, group * seq, head_dim) -> (seq, n_head * head_dim)
+        let out = out
+            .reshape((hp.n_head, seq, hp.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((seq, hp.n_head * hp.head_dim))?;
+        attn.wo.forward(&out)
+    }
+}
+
+/// Builds the additive mask `(seq, n_keys)` for queries at `start_pos..start_pos + seq` over
+/// keys at `first_key..first_key + n_keys`: a key is visible when it is not in the future and,
+/// on a sliding-window layer, when its distance to the query is below the window.
+fn attention_mask(
+    seq: usize,
+    start_pos: usize,
+    first_key: usize,
+    n_keys: usize,
+    window: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let mut mask = vec![0f32; seq * n_keys];
+    for i in 0..seq {
+        let query_pos = start_pos + i;
+        for j in 0..n_keys {
+            let key_pos = first_key + j;
+            let future = key_pos > query_pos;
+            let outside_window = window.is_some_and(|w| query_pos - key_pos.min(query_pos) >= w);
+            if future || outside_window {
+                mask[i * n_keys + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::from_vec(mask, (seq, n_keys), &Device::Cpu)
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)
+}

@@ -1,0 +1,67 @@
+//! A JSON body extractor whose rejections are OpenAI-style errors: 415 for a wrong
+//! Content-Type, 413 for an oversized body, 400 naming the field for malformed JSON or wrong
+//! types (axum's own `Json` answers 422 for the latter, which OpenAI clients do not expect).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::header::CONTENT_TYPE;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let mime = content_type.split(';').next().unwrap_or("").trim();
+        if !mime.eq_ignore_ascii_case("application/json") {
+            let shown = if content_type.is_empty() { "none" } else { &content_type };
+            return Err(ApiError::unsupported_media_type(shown));
+        }
+
+        let limit = request
+            .extensions()
+            .get::<BodyLimit>()
+            .map_or(usize::MAX, |limit| limit.0);
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::payload_too_large(limit)
+            } else {
+                ApiError::invalid_request(format!("Failed to read the body: {rejection}"), None)
+            }
+        })?;
+
+        let deserializer = &mut serde_json::Deserializer::from_slice(&bytes);
+        match serde_path_to_error::deserialize(deserializer) {
+            Ok(value) => Ok(Self(value)),
+            Err(error) => {
+                let path = error.path().to_string();
+                let inner = error.into_inner();
+                let (message, param) = if inner.is_syntax() || inner.is_eof() {
+                    (format!("The body is not valid JSON: {inner}"), None)
+                } else if path == "." {
+                    (format!("Invalid request body: {inner}"), None)
+                } else {
+                    (format!("Invalid value for `{path}`: {inner}"), Some(path))
+                };
+                Err(ApiError::invalid_request(message, param.as_deref()))
+            }
+        }
+    }
+}
+
+/// The configured body limit, made visible to the extractor for its error message.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);

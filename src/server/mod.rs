@@ -1,0 +1,204 @@
+//! The HTTP server: an OpenAI-compatible API over the served models.
+//!
+//! `chat` and `completions` hold the two generation endpoints, `models` the listing and health
+//! routes; `json` and `error` turn bad input into OpenAI-style errors, and `params` validates
+//! the sampling fields both endpoints share.
+
+mod chat;
+mod completions;
+pub mod error;
+mod json;
+mod models;
+pub mod openai;
+mod params;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::sse::Event;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::engine::generate::Timings;
+use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
+use crate::registry::{Registry, ServedModel};
+use error::ApiError;
+use json::BodyLimit;
+use openai::Usage;
+
+pub const SYSTEM_FINGERPRINT: &str = concat!("tierd-", env!("CARGO_PKG_VERSION"));
+
+pub struct AppState {
+    pub config: Config,
+    /// Set once every model has loaded; until then generation routes answer 503.
+    pub registry: OnceLock<Registry>,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            registry: OnceLock::new(),
+        }
+    }
+
+    fn registry(&self) -> Result<&Registry, ApiError> {
+        self.registry.get().ok_or_else(ApiError::loading)
+    }
+}
+
+/// The id of one request: the client's `X-Request-Id` when it sends one, otherwise a new UUID.
+#[derive(Clone)]
+pub struct RequestId(pub String);
+
+static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.server.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(models::list_models))
+        .route("/health", get(models::health))
+        .fallback(models::not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(move |mut request: Request, next: Next| {
+            request.extensions_mut().insert(BodyLimit(limit));
+            request_span(request, next)
+        }))
+        .with_state(state)
+}
+
+/// Wraps each request in a `tracing` span carrying its id, and echoes the id in the response.
+async fn request_span(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(&REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    request.extensions_mut().insert(RequestId(id.clone()));
+
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    let started = std::time::Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "response"
+        )
+    });
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER.clone(), value);
+    }
+    response
+}
+
+/// A request accepted by a model's worker.
+pub struct Submitted {
+    pub events: mpsc::Receiver<GenerationEvent>,
+    model: String,
+}
+
+/// The whole output of a non-streamed request.
+pub struct Collected {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: &'static str,
+    pub usage: Usage,
+}
+
+pub fn submit(served: &Arc<ServedModel>, request: GenerationRequest) -> Result<Submitted, ApiError> {
+    let events = served
+        .worker
+        .submit(&served.id, request)
+        .map_err(|full| ApiError::overloaded(format!("{full}; retry later."), 1))?;
+    Ok(Submitted {
+        events,
+        model: served.id.clone(),
+    })
+}
+
+impl Submitted {
+    pub async fn collect(mut self) -> Result<Collected, ApiError> {
+        let mut text = String::new();
+        let mut logprobs = Vec::new();
+        while let Some(event) = self.events.recv().await {
+            match event {
+                GenerationEvent::Delta {
+                    text: delta,
+                    logprobs: tokens,
+                } => {
+                    text.push_str(&delta);
+                    logprobs.extend(tokens);
+                }
+                GenerationEvent::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    timings,
+                } => {
+                    self.log_finished(reason.as_str(), prompt_tokens, completion_tokens, &timings);
+                    return Ok(Collected {
+                        text,
+                        logprobs,
+                        finish_reason: reason.as_str(),
+                        usage: Usage::new(prompt_tokens, completion_tokens),
+                    });
+                }
+                GenerationEvent::Failed(message) => return Err(ApiError::internal(message)),
+            }
+        }
+        Err(ApiError::internal("generation ended without finishing"))
+    }
+
+    pub fn log_finished(&self, reason: &str, prompt: usize, completion: usize, timings: &Timings) {
+        let per_second = |tokens: usize, time: Duration| {
+            let seconds = time.as_secs_f64();
+            if seconds > 0.0 {
+                tokens as f64 / seconds
+            } else {
+                0.0
+            }
+        };
+        tracing::info!(
+            model = %self.model,
+            finish_reason = reason,
+            prompt_tokens = prompt,
+            completion_tokens = completion,
+            queue_ms = timings.queue.as_millis() as u64,
+            prefill_ms = timings.prefill.as_millis() as u64,
+            decode_ms = timings.decode.as_millis() as u64,
+            prefill_tok_s = format!("{:.1}", per_second(prompt, timings.prefill)),
+            decode_tok_s = format!("{:.1}", per_second(completion, timings.decode)),
+            "generation finished"
+        );
+    }
+}
+
+fn sse_json<T: serde::Serialize>(value: &T) -> Event {
+    match serde_json::to_string(value) {
+        Ok(json) => Event::default().data(json),
+        Err(error) => Event::default().data(ApiError::internal(error).body().to_string()),
+    }
+}
+
+pub fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

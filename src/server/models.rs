@@ -1,0 +1,59 @@
+//! `GET /v1/models`, `GET /health` and the fallback for unknown routes.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::error::ApiError;
+use super::openai::{ModelCard, ModelList};
+use super::AppState;
+
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Result<axum::Json<ModelList>, ApiError> {
+    let registry = state.registry()?;
+    let data = registry
+        .iter()
+        .map(|served| ModelCard {
+            id: served.id.clone(),
+            object: "model",
+            created: served.created,
+            owned_by: "tierd",
+        })
+        .collect();
+    Ok(axum::Json(ModelList {
+        object: "list",
+        data,
+    }))
+}
+
+/// 200 with each model's load time and queue depth once loading is done, 503 before.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let Some(registry) = state.registry.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading"})),
+        )
+            .into_response();
+    };
+    let models: Vec<_> = registry
+        .iter()
+        .map(|served| {
+            json!({
+                "id": served.id,
+                "load_ms": served.model.load_time.as_millis() as u64,
+                "file_bytes": served.model.file_size,
+                "context_length": served.context_length,
+                "queue_depth": served.worker.queue_depth(),
+            })
+        })
+        .collect();
+    axum::Json(json!({"status": "ok", "models": models})).into_response()
+}
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    let mut error = ApiError::invalid_request(format!("Unknown route `{}`.", uri.path()), None);
+    error.status = StatusCode::NOT_FOUND;
+    error
+}

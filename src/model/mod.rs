@@ -7,6 +7,7 @@
 pub mod hparams;
 pub mod kv_cache;
 mod rope;
+mod tensor_loader;
 pub mod transformer;
 
 use std::fs::File;
@@ -104,12 +105,22 @@ impl LoadedModel {
         })?;
 
         let hparams = HParams::from_gguf(&content)?;
-        let (tokenizer, special) = crate::tokenizer::load(path, &content)?;
         let chat_template = content
             .metadata
             .get("tokenizer.chat_template")
             .and_then(|value| value.to_string().ok())
             .cloned();
+
+        // The tokenizer is built before the weights are read: building Gemma's 262k-entry
+        // vocabulary briefly takes about twice its final memory, and that peak must not add to
+        // the weights. The metadata is no longer needed once the tokenizer exists.
+        let started_tokenizer = Instant::now();
+        let (tokenizer, special) = crate::tokenizer::load(path, &content)?;
+        tracing::debug!(ms = started_tokenizer.elapsed().as_millis() as u64, "tokenizer built");
+        let mut content = content;
+        content.metadata.clear();
+        release_free_heap();
+
         let network = Transformer::load(path, &content, hparams)?;
 
         Ok(Self {
@@ -120,5 +131,15 @@ impl LoadedModel {
             file_size,
             load_time: started.elapsed(),
         })
+    }
+}
+
+/// Returns freed heap pages to the operating system, so transient allocations of loading do
+/// not stay in the resident set.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory that the allocator has already freed.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -16,6 +16,7 @@ use candle_core::{Device, Module, Tensor};
 use super::hparams::{Activation, HParams, RopeStyle};
 use super::kv_cache::KvCache;
 use super::rope::RopeTables;
+use super::tensor_loader::read_tensor;
 use super::ModelError;
 
 struct Attention {
@@ -65,12 +66,17 @@ struct TensorReader<'a> {
 
 impl TensorReader<'_> {
     fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
-        self.content
-            .tensor(&mut self.file, name, &self.device)
-            .map_err(|source| ModelError::Tensor {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        read_tensor(&mut self.file, self.content.tensor_data_offset, info).map_err(|source| {
+            ModelError::Tensor {
                 name: name.to_string(),
                 source,
-            })
+            }
+        })
     }
 
     fn has(&self, name: &str) -> bool {

@@ -66,6 +66,9 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<(Tokenizer, SpecialToken
         other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
     };
 
+    // Control and user-defined tokens are matched in the raw text before the model runs, as
+    // llama.cpp does. Gemma's runs of spaces are user-defined tokens written with plain spaces,
+    // so they match spaces before the normalizer turns them into U+2581.
     let added: Vec<AddedToken> = tokens
         .iter()
         .zip(&types)
@@ -195,12 +198,9 @@ fn sentencepiece_bpe(content: &Content, tokens: &[String]) -> Result<Tokenizer, 
             .collect::<Result<Vec<_>, _>>()?,
         _ => return Err(TokenizerError::Metadata("missing tokenizer.ggml.scores".into())),
     };
-    // Some GGUF converters write spaces inside SentencePiece pieces as plain spaces; the
-    // normalizer turns every space into U+2581 before BPE, so the vocabulary must match.
-    let tokens: Vec<String> = tokens.iter().map(|t| t.replace(' ', "▁")).collect();
-    let tokens = tokens.as_slice();
     let vocab = vocabulary(tokens);
     let merges = merges_from_scores(tokens, &scores, &vocab);
+    tracing::debug!(merges = merges.len(), "derived SentencePiece merges");
 
     let unk = content
         .metadata

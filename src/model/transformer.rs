@@ -9,21 +9,22 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::gguf_file::{Content, TensorInfo};
+use candle_core::{Device, Tensor};
 
 use super::hparams::{Activation, HParams, RopeStyle};
 use super::kv_cache::KvCache;
 use super::rope::RopeTables;
-use super::tensor_loader::read_tensor;
+use super::tensor_loader::{read_dense_tensor, read_weight};
+use crate::kernels::gelu::gelu_mul;
+use crate::kernels::QWeight;
 use super::ModelError;
 
 struct Attention {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: QWeight,
+    wk: QWeight,
+    wv: QWeight,
+    wo: QWeight,
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
@@ -32,9 +33,9 @@ struct Attention {
 }
 
 struct FeedForward {
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: QWeight,
+    up: QWeight,
+    down: QWeight,
 }
 
 struct Layer {
@@ -50,10 +51,10 @@ struct Layer {
 
 pub struct Transformer {
     hparams: HParams,
-    embeddings: Arc<QTensor>,
+    embeddings: Arc<QWeight>,
     layers: Vec<Layer>,
     output_norm: Tensor,
-    output: QMatMul,
+    output: Arc<QWeight>,
     rope_global: RopeTables,
     rope_local: RopeTables,
 }
@@ -61,17 +62,24 @@ pub struct Transformer {
 struct TensorReader<'a> {
     content: &'a Content,
     file: File,
-    device: Device,
 }
 
 impl TensorReader<'_> {
-    fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
-        let info = self
-            .content
+    fn info<'c>(content: &'c Content, name: &str) -> Result<&'c TensorInfo, ModelError> {
+        content
             .tensor_infos
             .get(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        read_tensor(&mut self.file, self.content.tensor_data_offset, info).map_err(|source| {
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn matmul(&mut self, name: &str) -> Result<QWeight, ModelError> {
+        let content = self.content;
+        let info = Self::info(content, name)?;
+        read_weight(&mut self.file, self.content.tensor_data_offset, info).map_err(|source| {
             ModelError::Tensor {
                 name: name.to_string(),
                 source,
@@ -79,27 +87,16 @@ impl TensorReader<'_> {
         })
     }
 
-    fn has(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
-    }
-
-    fn matmul(&mut self, name: &str) -> Result<QMatMul, ModelError> {
-        let tensor = self.qtensor(name)?;
-        QMatMul::from_arc(Arc::new(tensor)).map_err(|source| ModelError::Tensor {
-            name: name.to_string(),
-            source,
-        })
-    }
-
     /// Reads a small tensor (norm weight or bias) as dense f32.
     fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
-        let tensor = self.qtensor(name)?;
-        tensor
-            .dequantize(&self.device)
-            .map_err(|source| ModelError::Tensor {
+        let content = self.content;
+        let info = Self::info(content, name)?;
+        read_dense_tensor(&mut self.file, self.content.tensor_data_offset, info).map_err(|source| {
+            ModelError::Tensor {
                 name: name.to_string(),
                 source,
-            })
+            }
+        })
     }
 
     fn optional_dense(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
@@ -118,21 +115,14 @@ impl Transformer {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut reader = TensorReader {
-            content,
-            file,
-            device: Device::Cpu,
-        };
+        let mut reader = TensorReader { content, file };
 
-        let embeddings = Arc::new(reader.qtensor("token_embd.weight")?);
+        let embeddings = Arc::new(reader.matmul("token_embd.weight")?);
         let output = if reader.has("output.weight") {
-            reader.matmul("output.weight")?
+            Arc::new(reader.matmul("output.weight")?)
         } else {
             // Tied embeddings: the output projection shares the embedding matrix.
-            QMatMul::from_arc(embeddings.clone()).map_err(|source| ModelError::Tensor {
-                name: "token_embd.weight".into(),
-                source,
-            })?
+            embeddings.clone()
         };
         let output_norm = reader.dense("output_norm.weight")?;
 
@@ -213,8 +203,7 @@ impl Transformer {
         let start_pos = cache.len();
         let hp = &self.hparams;
 
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut x = self.embeddings.embedding(&ids)?;
+        let mut x = self.embeddings.rows_f32(tokens)?;
         if hp.scale_embeddings {
             x = (x * (hp.n_embd as f64).sqrt())?;
         }
@@ -251,11 +240,17 @@ impl Transformer {
     fn feed_forward(&self, ffn: &FeedForward, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate = ffn.gate.forward(x)?;
         let up = ffn.up.forward(x)?;
-        let gate = match self.hparams.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
+        let hidden = match self.hparams.activation {
+            Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            Activation::GeluTanh => {
+                let shape = gate.shape().clone();
+                let mut gate: Vec<f32> = gate.flatten_all()?.to_vec1()?;
+                let up: Vec<f32> = up.flatten_all()?.to_vec1()?;
+                gelu_mul(&mut gate, &up);
+                Tensor::from_vec(gate, shape, &Device::Cpu)?
+            }
         };
-        ffn.down.forward(&(gate * up)?)
+        ffn.down.forward(&hidden)
     }
 
     fn attention(
@@ -272,7 +267,7 @@ impl Transformer {
         let seq = x.dim(0)?;
         let start_pos = cache.len();
 
-        let project = |w: &QMatMul, bias: &Option<Tensor>, heads: usize| {
+        let project = |w: &QWeight, bias: &Option<Tensor>, heads: usize| {
             let mut y = w.forward(x)?;
             if let Some(bias) = bias {
                 y = y.broadcast_add(bias)?;
@@ -368,6 +363,21 @@ fn attention_mask(
     Tensor::from_vec(mask, (seq, n_keys), &Device::Cpu)
 }
 
+/// RMS norm over the last dimension, computed as llama.cpp's CPU backend does: the sum of
+/// squares in f64, `x * (1 / sqrt(mean + eps))`, then the weight in a separate multiply.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)
+    let shape = x.shape().clone();
+    let dim = weight.dim(0)?;
+    let weight: Vec<f32> = weight.to_vec1()?;
+    let mut values: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let eps = eps as f32;
+    for row in values.chunks_exact_mut(dim) {
+        let sum: f64 = row.iter().map(|v| (v * v) as f64).sum();
+        let mean = (sum / dim as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(&weight) {
+            *v = (*v * scale) * w;
+        }
+    }
+    Tensor::from_vec(values, shape, &Device::Cpu)
 }

@@ -1,0 +1,179 @@
+//! Quantization of f32 activations into the 8-bit blocks that GGUF weight types are dotted with.
+//!
+//! These follow llama.cpp's CPU backend (ggml-cpu, x86 build) exactly: Q8_0 and Q8_1 scale by
+//! `127 / max|x|` and round half to even (`_mm256_round_ps` with `_MM_ROUND_NEAREST`); Q8_K
+//! uses `-127 / x_max`, where `x_max` is the first element of largest magnitude, with the same
+//! rounding (ggml's `nearest_int`). candle's own quantizers round half away from zero, scale by
+//! `1 / (max / 127)` and compute the Q8_1 sum in f16, which moves logits by up to 0.4.
+
+use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType};
+use half::f16;
+
+/// Elements per Q8_0 and Q8_1 block.
+pub const QK8: usize = 32;
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+
+/// Layout of candle's `BlockQ8_0` (both are `repr(C)`), whose fields are private to candle.
+#[repr(C)]
+struct Q8_0 {
+    d: f16,
+    qs: [i8; QK8],
+}
+
+#[repr(C)]
+struct Q8_1 {
+    d: f16,
+    s: f16,
+    qs: [i8; QK8],
+}
+
+#[repr(C)]
+struct Q8K {
+    d: f32,
+    qs: [i8; QK_K],
+    bsums: [i16; QK_K / 16],
+}
+
+const _: () = assert!(std::mem::size_of::<Q8_0>() == std::mem::size_of::<BlockQ8_0>());
+const _: () = assert!(std::mem::size_of::<Q8_1>() == std::mem::size_of::<BlockQ8_1>());
+const _: () = assert!(std::mem::size_of::<Q8K>() == std::mem::size_of::<BlockQ8K>());
+const _: () = assert!(std::mem::align_of::<Q8K>() == std::mem::align_of::<BlockQ8K>());
+
+/// Views candle's blocks as the local layout with the same fields.
+///
+/// SAFETY (for each use below): both types are `repr(C)` with the same field types in the same
+/// order (checked by the size and alignment assertions above against candle 0.11's layout),
+/// and every bit pattern is valid for them.
+fn view_mut<From, To>(blocks: &mut [From]) -> &mut [To] {
+    assert_eq!(std::mem::size_of::<From>(), std::mem::size_of::<To>());
+    assert!(std::mem::align_of::<From>() >= std::mem::align_of::<To>());
+    unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<To>(), blocks.len()) }
+}
+
+fn max_abs(xs: &[f32]) -> f32 {
+    xs.iter().fold(0f32, |max, x| max.max(x.abs()))
+}
+
+pub fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
+    let out: &mut [Q8_0] = view_mut(out);
+    for (block, xs) in out.iter_mut().zip(xs.chunks_exact(QK8)) {
+        let max = max_abs(xs);
+        let d = max / 127.0;
+        let id = if max != 0.0 { 127.0 / max } else { 0.0 };
+        block.d = f16::from_f32(d);
+        for (q, x) in block.qs.iter_mut().zip(xs) {
+            *q = (x * id).round_ties_even() as i8;
+        }
+    }
+}
+
+pub fn quantize_q8_1(xs: &[f32], out: &mut [BlockQ8_1]) {
+    let out: &mut [Q8_1] = view_mut(out);
+    for (block, xs) in out.iter_mut().zip(xs.chunks_exact(QK8)) {
+        let max = max_abs(xs);
+        let d = max / 127.0;
+        let id = if max != 0.0 { 127.0 / max } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, x) in block.qs.iter_mut().zip(xs) {
+            *q = (x * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        block.d = f16::from_f32(d);
+        block.s = f16::from_f32(d * sum as f32);
+    }
+}
+
+pub fn quantize_q8k(xs: &[f32], out: &mut [BlockQ8K]) {
+    let out: &mut [Q8K] = view_mut(out);
+    for (block, xs) in out.iter_mut().zip(xs.chunks_exact(QK_K)) {
+        let mut max = 0f32;
+        let mut amax = 0f32;
+        for &x in xs {
+            if x.abs() > amax {
+                amax = x.abs();
+                max = x;
+            }
+        }
+        if amax == 0.0 {
+            block.d = 0.0;
+            block.qs.fill(0);
+            block.bsums.fill(0);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, x) in block.qs.iter_mut().zip(xs) {
+            let v = (iscale * x).round_ties_even() as i32;
+            *q = v.min(127) as i8;
+        }
+        for (sum, qs) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            *sum = qs.iter().map(|&q| q as i16).sum();
+        }
+        block.d = 1.0 / iscale;
+    }
+}
+
+/// Activation block types with a llama.cpp-compatible quantizer.
+pub trait ActivationBlock: GgmlType {
+    fn quantize(xs: &[f32], out: &mut [Self]);
+}
+
+impl ActivationBlock for BlockQ8_0 {
+    fn quantize(xs: &[f32], out: &mut [Self]) {
+        quantize_q8_0(xs, out)
+    }
+}
+
+impl ActivationBlock for BlockQ8_1 {
+    fn quantize(xs: &[f32], out: &mut [Self]) {
+        quantize_q8_1(xs, out)
+    }
+}
+
+impl ActivationBlock for BlockQ8K {
+    fn quantize(xs: &[f32], out: &mut [Self]) {
+        quantize_q8k(xs, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_rounds_half_to_even() {
+        // max 127 gives id 1.0, so 2.5 and 3.5 are exact ties.
+        let mut xs = vec![0f32; QK8];
+        xs[0] = 127.0;
+        xs[1] = 2.5;
+        xs[2] = 3.5;
+        xs[3] = -2.5;
+        let mut out = vec![BlockQ8_0::zeros(); 1];
+        quantize_q8_0(&xs, &mut out);
+        let view: &mut [Q8_0] = view_mut(&mut out);
+        assert_eq!(&view[0].qs[..4], &[127, 2, 4, -2]);
+    }
+
+    #[test]
+    fn q8k_maps_extreme_to_minus_127() {
+        let mut xs: Vec<f32> = (0..QK_K).map(|i| (i as f32 - 100.0) / 10.0).collect();
+        xs[7] = 50.0;
+        let mut out = vec![BlockQ8K::zeros(); 1];
+        quantize_q8k(&xs, &mut out);
+        let view: &mut [Q8K] = view_mut(&mut out);
+        assert_eq!(view[0].qs[7], -127);
+        let expected: i16 = view[0].qs[..16].iter().map(|&q| q as i16).sum();
+        assert_eq!(view[0].bsums[0], expected);
+    }
+
+    #[test]
+    fn q8_1_sum_is_scaled_in_f32() {
+        let xs: Vec<f32> = (0..QK8).map(|i| 1.0 + i as f32).collect();
+        let mut out = vec![BlockQ8_1::zeros(); 1];
+        quantize_q8_1(&xs, &mut out);
+        let view: &mut [Q8_1] = view_mut(&mut out);
+        let sum: i32 = view[0].qs.iter().map(|&q| q as i32).sum();
+        let d = 32.0f32 / 127.0;
+        assert_eq!(view[0].s, f16::from_f32(d * sum as f32));
+    }
+}

@@ -1,0 +1,203 @@
+//! GGUF weight matrices and their product with f32 activations.
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
+
+use super::activation::ActivationBlock;
+
+/// Weight rows handed to one parallel task.
+const ROWS_PER_TASK: usize = 16;
+
+/// The blocks of a weight matrix `(rows, cols)`, stored row-major as in the GGUF file.
+pub enum Blocks {
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q5_1(Vec<BlockQ5_1>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q2K(Vec<BlockQ2K>),
+    Q3K(Vec<BlockQ3K>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+    /// f32 or f16 weights, kept as a dense `(rows, cols)` f32 tensor.
+    Dense(Tensor),
+}
+
+/// A weight matrix of `rows` outputs by `cols` inputs.
+pub struct QWeight {
+    blocks: Blocks,
+    rows: usize,
+    cols: usize,
+}
+
+/// Applies `$body` with `$blocks` bound to the typed block vector of every quantized variant.
+macro_rules! with_blocks {
+    ($weight:expr, $blocks:ident => $body:expr, $dense:ident => $dense_body:expr) => {
+        match &$weight.blocks {
+            Blocks::Q4_0($blocks) => $body,
+            Blocks::Q4_1($blocks) => $body,
+            Blocks::Q5_0($blocks) => $body,
+            Blocks::Q5_1($blocks) => $body,
+            Blocks::Q8_0($blocks) => $body,
+            Blocks::Q2K($blocks) => $body,
+            Blocks::Q3K($blocks) => $body,
+            Blocks::Q4K($blocks) => $body,
+            Blocks::Q5K($blocks) => $body,
+            Blocks::Q6K($blocks) => $body,
+            Blocks::Dense($dense) => $dense_body,
+        }
+    };
+}
+
+impl QWeight {
+    pub fn new(blocks: Blocks, rows: usize, cols: usize) -> Self {
+        Self { blocks, rows, cols }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn dtype(&self) -> Option<GgmlDType> {
+        with_blocks!(self, blocks => Some(block_dtype(blocks)), _dense => None)
+    }
+
+    /// Computes `x · Wᵀ` for `x` of shape `(m, cols)`; returns `(m, rows)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.cols {
+            candle_core::bail!("matmul input has {k} columns, the weight expects {}", self.cols);
+        }
+        with_blocks!(
+            self,
+            blocks => {
+                let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let output = matmul(blocks, self.rows, self.cols, &input, m);
+                Tensor::from_vec(output, (m, self.rows), &Device::Cpu)
+            },
+            dense => x.matmul(&dense.t()?)
+        )
+    }
+
+    /// Returns the rows `ids` as an f32 tensor `(ids.len(), cols)`: an embedding lookup.
+    pub fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.rows) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {} tokens", self.rows);
+        }
+        with_blocks!(
+            self,
+            blocks => {
+                let per_row = blocks.len() / self.rows;
+                let mut out = vec![0f32; ids.len() * self.cols];
+                for (row, &id) in out.chunks_exact_mut(self.cols).zip(ids) {
+                    let start = id as usize * per_row;
+                    GgmlType::to_float(&blocks[start..start + per_row], row);
+                }
+                Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)
+            },
+            dense => {
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                dense.index_select(&ids, 0)
+            }
+        )
+    }
+}
+
+fn block_dtype<T: GgmlType>(_: &[T]) -> GgmlDType {
+    T::DTYPE
+}
+
+/// Multiplies `m` activation rows by the quantized weight rows, in parallel over weight rows.
+/// Activations are quantized once, as llama.cpp does, to the weight type's dot-product type.
+fn matmul<T>(weights: &[T], rows: usize, cols: usize, input: &[f32], m: usize) -> Vec<f32>
+where
+    T: GgmlType,
+    T::VecDotType: ActivationBlock,
+{
+    let blocks_per_row = cols / T::BLCK_SIZE;
+    let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
+    let mut quantized = vec![T::VecDotType::zeros(); m * activation_blocks];
+    for (row, out) in input
+        .chunks_exact(cols)
+        .zip(quantized.chunks_exact_mut(activation_blocks))
+    {
+        T::VecDotType::quantize(row, out);
+    }
+
+    // Output laid out weight-row-major so each task writes one contiguous slice; transposed
+    // at the end when there is more than one activation row.
+    let mut transposed = vec![0f32; rows * m];
+    transposed
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first_row = task * ROWS_PER_TASK;
+            for (offset, outputs) in out.chunks_exact_mut(m).enumerate() {
+                let start = (first_row + offset) * blocks_per_row;
+                let weight_row = &weights[start..start + blocks_per_row];
+                for (i, value) in outputs.iter_mut().enumerate() {
+                    let activations = &quantized[i * activation_blocks..(i + 1) * activation_blocks];
+                    *value = T::vec_dot(cols, weight_row, activations);
+                }
+            }
+        });
+
+    if m == 1 {
+        return transposed;
+    }
+    let mut output = vec![0f32; m * rows];
+    for (row, values) in transposed.chunks_exact(m).enumerate() {
+        for (i, value) in values.iter().enumerate() {
+            output[i * rows + row] = *value;
+        }
+    }
+    output
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+
+    /// The quantized product agrees with a dense product of the dequantized weights to within
+    /// the activation quantization error.
+    #[test]
+    fn q4k_matmul_matches_dense() {
+        let (rows, cols, m) = (40, 512, 3);
+        let weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let dense = Tensor::from_vec(weights, (rows, cols), &Device::Cpu).unwrap();
+        let quantized = QTensor::quantize(&dense, GgmlDType::Q4K).unwrap();
+        let dequantized = quantized.dequantize(&Device::Cpu).unwrap();
+        let mut blocks = vec![BlockQ4K::zeros(); rows * cols / 256];
+        let raw = quantized.data().unwrap();
+        // SAFETY: `raw` holds exactly `blocks.len()` Q4_K blocks in GGUF layout.
+        unsafe {
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), blocks.as_mut_ptr().cast::<u8>(), raw.len());
+        }
+        let weight = QWeight::new(Blocks::Q4K(blocks), rows, cols);
+
+        let input: Vec<f32> = (0..m * cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+        let x = Tensor::from_vec(input, (m, cols), &Device::Cpu).unwrap();
+        let ours: Vec<f32> = weight.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let reference: Vec<f32> = x
+            .matmul(&dequantized.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in ours.iter().zip(&reference) {
+            assert!((a - b).abs() <= 0.02 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+}

@@ -196,8 +196,19 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        for (a, b) in ours.iter().zip(&reference) {
-            assert!((a - b).abs() <= 0.02 * b.abs().max(1.0), "{a} vs {b}");
+        // The error bound scales with the magnitude of the terms, not of their sum, because the
+        // sums cancel: Q8_K activations carry about 0.4 % error per element.
+        let magnitude: Vec<f32> = x
+            .abs()
+            .unwrap()
+            .matmul(&dequantized.abs().unwrap().t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for ((a, b), scale) in ours.iter().zip(&reference).zip(&magnitude) {
+            assert!((a - b).abs() <= 0.01 * scale, "{a} vs {b} (terms sum to {scale})");
         }
     }
 }

@@ -6,6 +6,7 @@
 //! hundredths of the reference instead of a few tenths.
 
 pub mod activation;
+pub mod dot;
 pub mod gelu;
 pub mod qmatmul;
 

@@ -9,6 +9,7 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::activation::ActivationBlock;
+use super::dot::{dot_q4_1, dot_q5_0};
 
 /// Weight rows handed to one parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -117,11 +118,40 @@ fn block_dtype<T: GgmlType>(_: &[T]) -> GgmlDType {
     T::DTYPE
 }
 
+/// Weight blocks with a dot product against their activation blocks: tierd's own SIMD kernel
+/// where candle's is scalar, candle's otherwise.
+pub trait WeightBlock: GgmlType {
+    fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        Self::vec_dot(n, xs, ys)
+    }
+}
+
+impl WeightBlock for BlockQ4_0 {}
+impl WeightBlock for BlockQ5_1 {}
+impl WeightBlock for BlockQ8_0 {}
+impl WeightBlock for BlockQ2K {}
+impl WeightBlock for BlockQ3K {}
+impl WeightBlock for BlockQ4K {}
+impl WeightBlock for BlockQ5K {}
+impl WeightBlock for BlockQ6K {}
+
+impl WeightBlock for BlockQ5_0 {
+    fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        dot_q5_0(n, xs, ys)
+    }
+}
+
+impl WeightBlock for BlockQ4_1 {
+    fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        dot_q4_1(n, xs, ys)
+    }
+}
+
 /// Multiplies `m` activation rows by the quantized weight rows, in parallel over weight rows.
 /// Activations are quantized once, as llama.cpp does, to the weight type's dot-product type.
 fn matmul<T>(weights: &[T], rows: usize, cols: usize, input: &[f32], m: usize) -> Vec<f32>
 where
-    T: GgmlType,
+    T: WeightBlock,
     T::VecDotType: ActivationBlock,
 {
     let blocks_per_row = cols / T::BLCK_SIZE;
@@ -147,7 +177,7 @@ where
                 let weight_row = &weights[start..start + blocks_per_row];
                 for (i, value) in outputs.iter_mut().enumerate() {
                     let activations = &quantized[i * activation_blocks..(i + 1) * activation_blocks];
-                    *value = T::vec_dot(cols, weight_row, activations);
+                    *value = T::dot(cols, weight_row, activations);
                 }
             }
         });

@@ -86,6 +86,7 @@ async fn request_span(mut request: Request, next: Next) -> Response {
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     request.extensions_mut().insert(RequestId(id.clone()));
+    let path_is_health = request.uri().path() == "/health";
 
     let span = tracing::info_span!(
         "request",
@@ -95,12 +96,16 @@ async fn request_span(mut request: Request, next: Next) -> Response {
     );
     let started = std::time::Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    let ms = started.elapsed().as_millis() as u64;
     span.in_scope(|| {
-        tracing::info!(
-            status = response.status().as_u16(),
-            ms = started.elapsed().as_millis() as u64,
-            "response"
-        )
+        // Health probes arrive every few seconds from load balancers; keep them out of the
+        // default log.
+        if path_is_health {
+            tracing::debug!(status, ms, "response");
+        } else {
+            tracing::info!(status, ms, "response");
+        }
     });
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER.clone(), value);

@@ -462,6 +462,44 @@ async fn error_malformed_json() {
 }
 
 #[tokio::test]
+async fn error_wrong_field_types() {
+    let (server, _lock) = shared();
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    // (endpoint, field, bad value, text the message must contain)
+    let cases = [
+        ("/v1/chat/completions", "temperature", json!("hot"), "hot"),
+        ("/v1/chat/completions", "messages", json!("hi"), "hi"),
+        ("/v1/chat/completions", "max_tokens", json!("5"), "\"5\""),
+        ("/v1/chat/completions", "stream", json!("yes"), "yes"),
+        ("/v1/chat/completions", "top_p", json!([1]), "sequence"),
+        ("/v1/chat/completions", "stop", json!(5), "stop"),
+        ("/v1/chat/completions", "logprobs", json!("yes"), "yes"),
+        ("/v1/completions", "max_tokens", json!(-1), "-1"),
+        ("/v1/completions", "seed", json!("abc"), "abc"),
+    ];
+
+    for (path, field, value, message_part) in cases {
+        let mut request = json!({"model": SMOLLM, "max_tokens": 2});
+        if path == "/v1/completions" {
+            request["prompt"] = json!("hi");
+        } else {
+            request["messages"] = messages.clone();
+        }
+        request[field] = value.clone();
+
+        let reply = post(server, path, &request).await;
+        let label = format!("{path} with {field} = {value}");
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{label}: status; body: {}", reply.text);
+        let error = &reply.json()["error"];
+        assert_eq!(error["type"], "invalid_request_error", "{label}: type; error: {error}");
+        assert_eq!(error["param"], field, "{label}: param must name the field; error: {error}");
+        let message = error["message"].as_str().unwrap_or("");
+        assert!(message.contains(message_part), "{label}: message does not name {message_part:?}: {message}");
+    }
+    assert_still_serves(server).await;
+}
+
+#[tokio::test]
 async fn error_wrong_content_type() {
     let (server, _lock) = shared();
     let body = chat_request(SMOLLM, "hi", 2).to_string();

@@ -98,7 +98,8 @@ impl Server {
         let log_for_stderr = log.try_clone().map_err(|e| format!("clone the log file handle: {e}"))?;
 
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_tierd"))
+        let binary = server_binary()?;
+        let child = Command::new(binary)
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -108,7 +109,7 @@ impl Server {
             .stdout(log)
             .stderr(log_for_stderr)
             .spawn()
-            .map_err(|e| format!("failed to start {}: {e}", env!("CARGO_BIN_EXE_tierd")))?;
+            .map_err(|e| format!("failed to start {}: {e}", binary.display()))?;
         eprintln!(
             "started tierd `{name}` (pid {}) on 127.0.0.1:{port}; log: {}",
             child.id(),
@@ -190,6 +191,29 @@ impl Drop for Server {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Returns the server executable that every server of this test binary runs.
+///
+/// A cargo build that includes the `tierd` binary replaces `target/<profile>/tierd`, and so
+/// does a build in another checkout that shares the target directory. A hard link taken at
+/// first use keeps every server of one run on the executable that was there at that moment.
+fn server_binary() -> Result<&'static Path, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let snapshot = BINARY.get_or_init(|| {
+        let source = Path::new(env!("CARGO_BIN_EXE_tierd"));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("api-tests");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let snapshot = dir.join("tierd");
+        // Unlinking does not affect a server from an earlier run that still runs this file.
+        let _ = std::fs::remove_file(&snapshot);
+        if std::fs::hard_link(source, &snapshot).is_err() {
+            std::fs::copy(source, &snapshot)
+                .map_err(|e| format!("copy {} to {}: {e}", source.display(), snapshot.display()))?;
+        }
+        Ok(snapshot)
+    });
+    snapshot.as_deref().map_err(Clone::clone)
 }
 
 /// Returns a port that was free a moment ago, by binding port 0 and releasing it.

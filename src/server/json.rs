@@ -8,6 +8,7 @@ use axum::http::header::CONTENT_TYPE;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::openai::GenerationFields;
 
 pub struct ApiJson<T>(pub T);
 
@@ -47,8 +48,14 @@ where
         match serde_path_to_error::deserialize(deserializer) {
             Ok(value) => Ok(Self(value)),
             Err(error) => {
-                let path = error.path().to_string();
-                let inner = error.into_inner();
+                let mut path = error.path().to_string();
+                let mut inner = error.into_inner();
+                if path == "." && !inner.is_syntax() && !inner.is_eof() {
+                    if let Some((field_path, field_error)) = generation_field_error(&bytes) {
+                        path = field_path;
+                        inner = field_error;
+                    }
+                }
                 let (message, param) = if inner.is_syntax() || inner.is_eof() {
                     (format!("The body is not valid JSON: {inner}"), None)
                 } else if path == "." {
@@ -60,6 +67,19 @@ where
             }
         }
     }
+}
+
+/// Finds a wrong value among the fields that both request types take from `GenerationFields`.
+///
+/// Those fields are `#[serde(flatten)]`ed, and serde deserializes a flattened struct from a
+/// buffer that serde_path_to_error cannot see into, so their errors come back with the root
+/// path `.` and no field name. `GenerationFields` ignores unknown keys and defaults every field,
+/// so deserializing it alone from the whole body fails only on its own fields, with their path.
+fn generation_field_error(bytes: &[u8]) -> Option<(String, serde_json::Error)> {
+    let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
+    let error = serde_path_to_error::deserialize::<_, GenerationFields>(deserializer).err()?;
+    let path = error.path().to_string();
+    (path != ".").then(|| (path, error.into_inner()))
 }
 
 /// The configured body limit, made visible to the extractor for its error message.

@@ -599,6 +599,60 @@ async fn error_unknown_route() {
     assert_still_serves(server).await;
 }
 
+#[tokio::test]
+async fn error_wrong_method() {
+    let (server, _lock) = shared();
+    let reply = get(server, "/v1/completions").await;
+
+    assert_api_error(&reply, StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", None, "GET");
+    assert_still_serves(server).await;
+}
+
+#[tokio::test]
+async fn completion_ids_unique_per_request() {
+    let (server, _lock) = shared();
+    let request = chat_request(QWEN, CAPITAL_PROMPT, 1);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let response = client()
+            .post(format!("{}/v1/chat/completions", server.base_url))
+            .header("x-request-id", "client-chosen-id")
+            .json(&request)
+            .send()
+            .await
+            .expect("send chat request");
+        assert_eq!(
+            response.headers().get("x-request-id").and_then(|v| v.to_str().ok()),
+            Some("client-chosen-id"),
+            "the client's request id is echoed"
+        );
+        let body: Value = response.json().await.expect("JSON body");
+        ids.push(body["id"].as_str().unwrap_or_default().to_string());
+    }
+    assert_ne!(ids[0], ids[1], "two completions share the id {}", ids[0]);
+}
+
+#[tokio::test]
+async fn logprob_bytes_rebuild_the_text() {
+    let (server, _lock) = shared();
+    let mut request = chat_request(QWEN, LOVE_PROMPT, 24);
+    request["logprobs"] = json!(true);
+    let response = post_ok(server, "/v1/chat/completions", &request).await;
+    let content = chat_content(&response);
+    assert!(!content.is_ascii(), "the answer has no emoji or CJK text to test with: {content:?}");
+
+    let entries = response["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no logprobs in {response}"));
+    let mut bytes = Vec::new();
+    for entry in entries {
+        let token_bytes = entry["bytes"].as_array().expect("entry.bytes");
+        bytes.extend(token_bytes.iter().map(|b| b.as_u64().expect("byte") as u8));
+    }
+    let rebuilt = String::from_utf8(bytes).expect("the bytes of all tokens form valid UTF-8");
+    assert_eq!(rebuilt, content, "concatenated token bytes differ from the message");
+}
+
 /// Waits until no request is queued for any model, as `/health` reports.
 async fn wait_for_empty_queues(server: &Server) {
     let started = Instant::now();

@@ -43,8 +43,11 @@ impl FinishReason {
 #[derive(Debug, Clone)]
 pub struct TokenLogprob {
     pub token: String,
+    /// The token's raw bytes, which may be part of a UTF-8 character.
+    pub bytes: Vec<u8>,
     pub logprob: f32,
-    pub top: Vec<(String, f32)>,
+    /// The most likely alternatives: text, log-probability and raw bytes.
+    pub top: Vec<(String, f32, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -145,11 +148,12 @@ fn run(
         if request.logprobs.is_some() {
             pending_logprobs.push(TokenLogprob {
                 token: token_text(model, token.id),
+                bytes: raw_bytes(model, token.id),
                 logprob: token.logprob,
                 top: token
                     .top
                     .iter()
-                    .map(|(id, logprob)| (token_text(model, *id), *logprob))
+                    .map(|(id, logprob)| (token_text(model, *id), *logprob, raw_bytes(model, *id)))
                     .collect(),
             });
         }
@@ -170,12 +174,14 @@ fn run(
                 }
             }
             StopOutcome::Stopped(ready) => {
-                let event = GenerationEvent::Delta {
-                    text: ready,
-                    logprobs: std::mem::take(&mut pending_logprobs),
-                };
-                if events.blocking_send(event).is_err() {
-                    return Ok(());
+                if !ready.is_empty() || !pending_logprobs.is_empty() {
+                    let event = GenerationEvent::Delta {
+                        text: ready,
+                        logprobs: std::mem::take(&mut pending_logprobs),
+                    };
+                    if events.blocking_send(event).is_err() {
+                        return Ok(());
+                    }
                 }
                 reason = FinishReason::Stop;
                 stopped_by_string = true;
@@ -246,6 +252,10 @@ fn end_of_generation_tokens(model: &LoadedModel) -> Vec<u32> {
         }
     }
     ids
+}
+
+fn raw_bytes(model: &LoadedModel, id: u32) -> Vec<u8> {
+    crate::tokenizer::token_bytes(&model.tokenizer, id, model.special.byte_level)
 }
 
 fn token_text(model: &LoadedModel, id: u32) -> String {

@@ -28,7 +28,7 @@ pub struct ModelWorker {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the queue of model `{model}` is full ({capacity} requests waiting)")]
+#[error("The queue of model `{model}` is full ({capacity} requests waiting)")]
 pub struct QueueFull {
     pub model: String,
     pub capacity: usize,

@@ -78,7 +78,8 @@ pub async fn chat_completions(
     };
     let submitted = submit(&served, generation)?;
 
-    let id = format!("chatcmpl-{}", request_id.0 .0);
+    // A fresh id: clients may reuse their X-Request-Id, but completion ids must be unique.
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     if params.stream {
         let stream = chat_stream(id, served.id.clone(), submitted, params.include_usage);
         return Ok(Sse::new(stream).into_response());
@@ -169,14 +170,14 @@ fn chat_logprob(token: &TokenLogprob) -> ChatTokenLogprob {
     ChatTokenLogprob {
         token: token.token.clone(),
         logprob: token.logprob,
-        bytes: token.token.as_bytes().to_vec(),
+        bytes: token.bytes.clone(),
         top_logprobs: token
             .top
             .iter()
-            .map(|(text, logprob)| TopLogprob {
+            .map(|(text, logprob, bytes)| TopLogprob {
                 token: text.clone(),
                 logprob: *logprob,
-                bytes: text.as_bytes().to_vec(),
+                bytes: bytes.clone(),
             })
             .collect(),
     }

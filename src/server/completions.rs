@@ -99,7 +99,7 @@ pub async fn completions(
     };
     let submitted = submit(&served, generation)?;
 
-    let id = format!("cmpl-{}", request_id.0 .0);
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let echo_text = echo.then_some(prompt_text);
     if params.stream {
         let stream = completion_stream(id, served.id.clone(), submitted, params.include_usage, echo_text);
@@ -137,7 +137,7 @@ fn legacy_logprobs(tokens: &[TokenLogprob], start_offset: usize) -> CompletionLo
             token
                 .top
                 .iter()
-                .map(|(text, logprob)| (text.clone(), Value::from(*logprob)))
+                .map(|(text, logprob, _)| (text.clone(), Value::from(*logprob)))
                 .collect(),
         );
         out.text_offset.push(offset);

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -50,6 +50,15 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         })
         .collect();
     axum::Json(json!({"status": "ok", "models": models})).into_response()
+}
+
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    let mut error = ApiError::invalid_request(
+        format!("Method {method} is not allowed on `{}`.", uri.path()),
+        None,
+    );
+    error.status = StatusCode::METHOD_NOT_ALLOWED;
+    error
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

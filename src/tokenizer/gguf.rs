@@ -42,6 +42,8 @@ pub struct SpecialTokens {
     pub add_bos: bool,
     /// Every control token (end of turn, end of text, ...), for stopping generation.
     pub control: Vec<u32>,
+    /// Whether pieces are GPT-2 byte-level strings (`gpt2` models) rather than SentencePiece.
+    pub byte_level: bool,
 }
 
 pub fn tokenizer_from_gguf(content: &Content) -> Result<(Tokenizer, SpecialTokens), TokenizerError> {
@@ -69,10 +71,14 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<(Tokenizer, SpecialToken
     // Control and user-defined tokens are matched in the raw text before the model runs, as
     // llama.cpp does. Gemma's runs of spaces are user-defined tokens written with plain spaces,
     // so they match spaces before the normalizer turns them into U+2581.
+    // Placeholder control tokens (`<unused0>`..., 6,000+ in Gemma 3) are left out of the
+    // matcher: no template or prompt uses them, and matching them would cost about 5 MB. Text
+    // that spells one is tokenized as plain text, as llama.cpp does without `parse_special`.
     let added: Vec<AddedToken> = tokens
         .iter()
         .zip(&types)
         .filter(|(_, kind)| matches!(**kind, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+        .filter(|(text, _)| !is_placeholder(text))
         .map(|(text, kind)| {
             AddedToken::from(text.clone(), *kind == TOKEN_TYPE_CONTROL).normalized(false)
         })
@@ -123,6 +129,7 @@ fn special_tokens(content: &Content, types: &[i64]) -> Result<SpecialTokens, Tok
         eos: id("tokenizer.ggml.eos_token_id")?,
         add_bos,
         control,
+        byte_level: string(content, "tokenizer.ggml.model")? == "gpt2",
     })
 }
 
@@ -214,6 +221,9 @@ fn sentencepiece_bpe(content: &Content, tokens: &[String]) -> Result<Tokenizer, 
         .unk_token(unk)
         .fuse_unk(true)
         .byte_fallback(true)
+        // Without a pre-tokenizer the whole text is one word, so a word cache never hits; it
+        // would only hold memory.
+        .cache_capacity(0)
         .build()
         .map_err(|e| TokenizerError::Build(e.to_string()))?;
 
@@ -269,6 +279,13 @@ fn merges_from_scores(
         }
     }
     merges
+}
+
+/// Returns true for unused placeholder tokens such as `<unused12>`.
+fn is_placeholder(text: &str) -> bool {
+    text.strip_prefix("<unused")
+        .and_then(|rest| rest.strip_suffix('>'))
+        .is_some_and(|number| !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Maps each token string to its id; a string listed twice keeps its first id, as llama.cpp does.

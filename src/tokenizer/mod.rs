@@ -1,12 +1,14 @@
 //! Tokenizers for GGUF models: built from the file's metadata, or read from a `tokenizer.json`
 //! beside it, which takes precedence.
 
+mod bytes;
 mod gguf;
 mod stream;
 
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
+pub use bytes::token_bytes;
 pub use gguf::{tokenizer_from_gguf, SpecialTokens};
 pub use stream::StreamDecoder;
 use tokenizers::Tokenizer;

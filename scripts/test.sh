@@ -22,7 +22,7 @@ run() {
     fi
 }
 
-run "cargo tests" cargo test --release
+run "cargo tests" cargo test --release --no-fail-fast
 run "fetch script" bash tests/fetch_models.sh
 if [[ -f tests/openai_sdk.sh ]]; then
     run "openai SDK" bash tests/openai_sdk.sh

@@ -38,7 +38,7 @@ fn models() -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-/// A prompt of real text, cut to `PROMPT_TOKENS` tokens.
+/// Tokenizes real text and cuts it to `PROMPT_TOKENS` tokens.
 fn prompt(model: &LoadedModel) -> Vec<u32> {
     let text = include_str!("../tests/golden/prompts/long.txt");
     let encoding = model.tokenizer.encode_fast(text, true).expect("tokenize prompt");

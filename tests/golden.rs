@@ -6,7 +6,7 @@
 //! Gemma 3's 512-token sliding window) is also fed in 256-token chunks and one token at a time.
 //!
 //! Two implementations of a quantized model cannot agree more closely than llama.cpp agrees
-//! with itself: its flash-attention and plain attention kernels differ by up to 0.41 in these
+//! with itself. Its flash-attention and plain attention kernels differ by up to 0.41 in these
 //! logits, and their greedy outputs part where the top two logits are within a few hundredths.
 //! So where llama.cpp's own top-two margin is below the model's near-tie bound, the step is a coin toss that
 //! neither side decides reliably: the test then feeds llama.cpp's token and goes on, rather

@@ -1,7 +1,7 @@
 //! Quantization of f32 activations into the 8-bit blocks that GGUF weight types are dotted with.
 //!
-//! These follow llama.cpp's CPU backend (ggml-cpu, x86 build) exactly: Q8_0 and Q8_1 scale by
-//! `127 / max|x|` and round half to even (`_mm256_round_ps` with `_MM_ROUND_NEAREST`); Q8_K
+//! These follow llama.cpp's CPU backend (ggml-cpu, x86 build) exactly. Q8_0 and Q8_1 scale by
+//! `127 / max|x|` and round half to even (`_mm256_round_ps` with `_MM_ROUND_NEAREST`). Q8_K
 //! uses `-127 / x_max`, where `x_max` is the first element of largest magnitude, with the same
 //! rounding (ggml's `nearest_int`). candle's own quantizers round half away from zero, scale by
 //! `1 / (max / 127)` and compute the Q8_1 sum in f16, which moves logits by up to 0.4.

@@ -1,6 +1,7 @@
-//! Dot products of weight blocks with quantized activations, for the block types whose candle
-//! kernels are scalar: Q5_0 × Q8_0 and Q4_1 × Q8_1 (Qwen2.5 and Gemma 3 Q4_K_M files store
-//! every matrix whose width is not a multiple of 256 as Q5_0; SmolLM2 Q4_1 uses Q4_1 for all).
+//! Dot products of weight blocks with quantized activations, for the two block types whose
+//! candle kernels are scalar: Q5_0 × Q8_0 and Q4_1 × Q8_1. Qwen2.5 and Gemma 3 Q4_K_M files
+//! store every matrix whose width is not a multiple of 256 as Q5_0, and SmolLM2's Q4_1 file
+//! uses Q4_1 for every matrix.
 //!
 //! The AVX2 versions are chosen at run time, so one binary serves every x86-64 machine; other
 //! machines use candle's scalar kernels.

@@ -1,7 +1,7 @@
 //! GELU (tanh approximation) as llama.cpp's CPU backend computes it.
 //!
-//! ggml-cpu looks GELU up in a 65,536-entry f16 table indexed by the input rounded to f16, for
-//! inputs in (-10, 10); below it returns 0 and above the input itself. The result is therefore
+//! For inputs in (-10, 10), ggml-cpu looks GELU up in a 65,536-entry f16 table indexed by the
+//! input rounded to f16. Below that range it returns 0, and above it the input itself. The result is therefore
 //! rounded to f16 twice, which tierd reproduces so that Gemma's logits match the reference.
 
 use std::sync::OnceLock;

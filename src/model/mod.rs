@@ -1,8 +1,8 @@
 //! Quantized decoder models loaded from GGUF files.
 //!
-//! `hparams` reads the architecture from the metadata, `transformer` runs it over candle's
-//! quantized matmuls, `kv_cache` holds one sequence's attention state, and `rope` builds the
-//! position tables. [`LanguageModel`] is what the engine sees.
+//! `hparams` reads the architecture from the metadata, and `transformer` runs it over the
+//! quantized matmuls in `crate::kernels`. `kv_cache` stores one sequence's attention state, and
+//! `rope` builds the position tables. [`LanguageModel`] is what the engine sees.
 
 pub mod hparams;
 pub mod kv_cache;

@@ -2,8 +2,8 @@
 
 use candle_core::{Device, Result, Tensor};
 
-/// One rope configuration; cos/sin tables are built per forward call for just the positions it
-/// covers, so no table for the whole context window is kept in memory.
+/// One rope configuration. The cos/sin tables are built per forward call for just the positions
+/// it covers, so no table for the whole context window stays in memory.
 ///
 /// The angles follow llama.cpp's CPU backend in f32: `theta_i = pos * base^(-2i/d)`, with the
 /// power built by repeated multiplication. Computing them in f64 instead moves the logits by

@@ -78,8 +78,8 @@ fn read_blocks<T: GgmlType>(file: &mut File, count: usize) -> candle_core::Resul
     }
     let mut blocks = vec![T::zeros(); count];
     // SAFETY: GGML block types are `repr(C)` structs of integers and half floats with no
-    // padding (checked above against the GGUF type size), so every byte pattern is a valid
-    // value and the initialised vector may be viewed and filled as bytes.
+    // padding, which the size check above confirms against the GGUF type size. So every byte
+    // pattern is a valid value, and the initialised vector may be viewed and filled as bytes.
     let bytes = unsafe {
         std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<u8>(), count * std::mem::size_of::<T>())
     };

@@ -2,8 +2,9 @@
 //!
 //! The architectures differ only in details that [`HParams`] records: rope pairing, QKV biases,
 //! per-head Q/K norms, post-attention and post-feed-forward norms, embedding scaling, the
-//! activation, and Gemma 3's sliding-window layers. Attention never copies the KV cache: query
-//! heads are grouped under their shared key/value head and multiplied against cache views.
+//! activation, and Gemma 3's sliding-window layers. Attention does not repeat the shared
+//! key/value heads: query heads are grouped under their key/value head and multiplied against
+//! views of the cache.
 
 use std::fs::File;
 use std::path::Path;

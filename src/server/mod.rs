@@ -1,8 +1,8 @@
 //! The HTTP server: an OpenAI-compatible API over the served models.
 //!
-//! `chat` and `completions` hold the two generation endpoints, `models` the listing and health
-//! routes; `json` and `error` turn bad input into OpenAI-style errors, and `params` validates
-//! the sampling fields both endpoints share.
+//! `chat` and `completions` contain the two generation endpoints, and `models` the listing and
+//! health routes. `json` and `error` turn bad input into OpenAI-style errors, and `params`
+//! validates the sampling fields that both endpoints share.
 
 mod chat;
 mod completions;
@@ -37,7 +37,7 @@ pub const SYSTEM_FINGERPRINT: &str = concat!("tierd-", env!("CARGO_PKG_VERSION")
 
 pub struct AppState {
     pub config: Config,
-    /// Set once every model has loaded; until then generation routes answer 503.
+    /// Set once every model has loaded. Until then the generation routes return 503.
     pub registry: OnceLock<Registry>,
 }
 

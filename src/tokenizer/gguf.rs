@@ -311,7 +311,7 @@ fn string_array(content: &Content, key: &str) -> Result<Vec<String>, TokenizerEr
             .map(|v| {
                 v.to_string()
                     .cloned()
-                    .map_err(|_| TokenizerError::Metadata(format!("`{key}` holds a non-string")))
+                    .map_err(|_| TokenizerError::Metadata(format!("`{key}` contains a value that is not a string")))
             })
             .collect(),
         _ => Err(TokenizerError::Metadata(format!("missing array `{key}`"))),
@@ -330,7 +330,7 @@ fn int_array(value: &Value, key: &str) -> Result<Vec<i64>, TokenizerError> {
             Value::I64(x) => Ok(*x),
             Value::U8(x) => Ok(*x as i64),
             Value::I8(x) => Ok(*x as i64),
-            _ => Err(TokenizerError::Metadata(format!("`{key}` holds a non-integer"))),
+            _ => Err(TokenizerError::Metadata(format!("`{key}` contains a value that is not an integer"))),
         })
         .collect()
 }

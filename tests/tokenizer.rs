@@ -95,3 +95,25 @@ fn chat_control_tokens_are_single_ids() {
     assert_eq!(encoding.get_ids()[0], 151644, "<|im_start|>");
     assert_eq!(*encoding.get_ids().last().expect("ids"), 151645, "<|im_end|>");
 }
+
+#[test]
+fn tokenizer_json_beside_model_overrides() {
+    let folder = tempfile::tempdir().expect("temp dir");
+    let model = folder.path().join("model.gguf");
+    std::os::unix::fs::symlink(
+        model_path("qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+        &model,
+    )
+    .expect("link model");
+    let reference_json = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/reference/tokenizer-qwen3/tokenizer.json");
+    std::fs::copy(&reference_json, folder.path().join("tokenizer.json")).expect("copy tokenizer.json");
+
+    let mut file = File::open(&model).expect("open model");
+    let content = Content::read(&mut file).expect("read GGUF metadata");
+    let (tokenizer, _) = tierd::tokenizer::load(&model, &content).expect("load tokenizer");
+
+    // Qwen3's tokenizer.json has `<think>` (id 151667), which the Qwen2.5 GGUF lists as padding.
+    assert_eq!(tokenizer.token_to_id("<think>"), Some(151667), "tokenizer.json was not used");
+    let (from_gguf, _) = tokenizer_from_gguf(&content).expect("build tokenizer");
+    assert_eq!(from_gguf.token_to_id("<think>"), None, "the GGUF vocabulary has no <think>");
+}

@@ -1012,3 +1012,14 @@ async fn gemma_load_time_and_memory() {
          1.3 x = {rss_budget:.0} bytes"
     );
 }
+
+#[tokio::test]
+async fn error_stop_too_long() {
+    let (server, _lock) = shared();
+    let mut request = chat_request(QWEN, CAPITAL_PROMPT, 4);
+    request["stop"] = json!("x".repeat(2000));
+    let reply = post(server, "/v1/chat/completions", &request).await;
+
+    assert_api_error(&reply, StatusCode::BAD_REQUEST, "invalid_request_error", Some("stop"), "2000 bytes");
+    assert_still_serves(server).await;
+}

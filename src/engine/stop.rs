@@ -59,7 +59,8 @@ impl StopMatcher {
     fn longest_partial_suffix(&self) -> usize {
         let mut longest = 0;
         for stop in &self.stops {
-            for (boundary, _) in stop.char_indices().skip(1) {
+            let prefixes = stop.char_indices().skip(1);
+            for (boundary, _) in prefixes.take_while(|(boundary, _)| *boundary <= self.pending.len()) {
                 let prefix = &stop[..boundary];
                 if boundary > longest && self.pending.ends_with(prefix) {
                     longest = boundary;

@@ -6,6 +6,9 @@ use crate::engine::SamplingParams;
 
 /// OpenAI accepts at most four stop sequences.
 const MAX_STOP_SEQUENCES: usize = 4;
+/// Longest stop sequence accepted, in bytes. Each generated token is checked against every
+/// prefix of every stop sequence, so this bounds that work.
+const MAX_STOP_BYTES: usize = 1024;
 /// OpenAI returns at most 20 alternatives per token.
 pub const MAX_TOP_LOGPROBS: u64 = 20;
 
@@ -69,6 +72,15 @@ pub fn validate(
             format!(
                 "Invalid value for `stop`: {} sequences given; at most {MAX_STOP_SEQUENCES} are allowed.",
                 stop.len()
+            ),
+            Some("stop"),
+        ));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid_request(
+            format!(
+                "Invalid value for `stop`: a stop sequence of {} bytes is longer than the limit of {MAX_STOP_BYTES} bytes.",
+                long.len()
             ),
             Some("stop"),
         ));

@@ -28,5 +28,5 @@ if [[ -f tests/openai_sdk.sh ]]; then
     run "openai SDK" bash tests/openai_sdk.sh
 fi
 
-echo "test suites: $passed passed, $failed failed"
+echo "suites: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -117,8 +117,34 @@ impl Config {
             self.models.clone()
         };
 
+        let server = &self.server;
+        for (name, value) in [
+            ("server.max_body_bytes", server.max_body_bytes),
+            ("server.queue_capacity", server.queue_capacity),
+            ("server.default_max_tokens", server.default_max_tokens),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("`{name}` must be at least 1")));
+            }
+        }
+
         let mut seen = std::collections::HashSet::new();
         for model in &models {
+            if model.id.trim().is_empty() {
+                return Err(ConfigError::Invalid("a model has an empty `id`".into()));
+            }
+            if model.context_length == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "model `{}`: `context_length` must be at least 1",
+                    model.id
+                )));
+            }
+            if model.path.is_some() && model.hf_repo.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "model `{}` sets both `path` and `hf_repo`; keep one",
+                    model.id
+                )));
+            }
             if !seen.insert(model.id.as_str()) {
                 return Err(ConfigError::Invalid(format!("model id `{}` is listed twice", model.id)));
             }
@@ -176,3 +202,38 @@ impl Config {
         Ok(models)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        toml::from_str(text).expect("valid TOML config")
+    }
+
+    #[test]
+    fn zero_limits_are_rejected() {
+        for key in ["max_body_bytes", "queue_capacity", "default_max_tokens"] {
+            let config = parse(&format!("[server]\n{key} = 0\n[[model]]\nid = \"m\"\npath = \"m.gguf\"\n"));
+            let error = config.resolved_models().expect_err("zero limit").to_string();
+            assert!(error.contains(key), "{error}");
+        }
+    }
+
+    #[test]
+    fn path_and_hub_together_are_rejected() {
+        let config = parse("[[model]]\nid = \"m\"\npath = \"m.gguf\"\nhf_repo = \"a/b\"\nhf_file = \"m.gguf\"\n");
+        let error = config.resolved_models().expect_err("two sources").to_string();
+        assert!(error.contains("both"), "{error}");
+    }
+
+    #[test]
+    fn empty_id_and_zero_context_are_rejected() {
+        let empty = parse("[[model]]\nid = \" \"\npath = \"m.gguf\"\n");
+        assert!(empty.resolved_models().is_err());
+        let zero = parse("[[model]]\nid = \"m\"\npath = \"m.gguf\"\ncontext_length = 0\n");
+        let error = zero.resolved_models().expect_err("zero context").to_string();
+        assert!(error.contains("context_length"), "{error}");
+    }
+}
+

@@ -14,7 +14,7 @@ use super::openai::{
     ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatTokenLogprob, MessageContent, TopLogprob,
     Usage,
 };
-use super::params::{check_context, validate, MAX_TOP_LOGPROBS};
+use super::params::{check_context, reject_unsupported, validate, MAX_TOP_LOGPROBS};
 use super::{submit, unix_time, AppState, Submitted, SYSTEM_FINGERPRINT};
 use crate::engine::{ChatMessage, GenerationEvent, GenerationRequest, TokenLogprob};
 
@@ -28,6 +28,11 @@ pub async fn chat_completions(
         .get(&body.model)
         .ok_or_else(|| ApiError::model_not_found(&body.model))?;
 
+    reject_unsupported("tools", &body.tools, &[serde_json::json!([])])?;
+    reject_unsupported("tool_choice", &body.tool_choice, &[serde_json::json!("none")])?;
+    reject_unsupported("functions", &body.functions, &[serde_json::json!([])])?;
+    reject_unsupported("function_call", &body.function_call, &[serde_json::json!("none")])?;
+    reject_unsupported("response_format", &body.response_format, &[serde_json::json!({"type": "text"})])?;
     let messages = convert_messages(&body)?;
     let top_logprobs = match (body.logprobs.unwrap_or(false), body.top_logprobs) {
         (false, Some(_)) => {

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, PromptField, Usage};
-use super::params::{check_context, validate};
+use super::params::{check_context, reject_unsupported, validate};
 use super::{submit, unix_time, AppState, Submitted, SYSTEM_FINGERPRINT};
 use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
 
@@ -28,6 +28,7 @@ pub async fn completions(
         .get(&body.model)
         .ok_or_else(|| ApiError::model_not_found(&body.model))?;
 
+    reject_unsupported("best_of", &body.best_of, &[serde_json::json!(1)])?;
     if body.suffix.is_some() {
         return Err(ApiError::invalid_request("`suffix` is not supported.", Some("suffix")));
     }

@@ -44,9 +44,19 @@ where
             }
         })?;
 
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first.is_some_and(|b| *b != b'{') {
+            return Err(ApiError::invalid_request("The request body must be a JSON object.", None));
+        }
+
         let deserializer = &mut serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(deserializer) {
-            Ok(value) => Ok(Self(value)),
+        match serde_path_to_error::deserialize(&mut *deserializer) {
+            Ok(value) => {
+                deserializer.end().map_err(|error| {
+                    ApiError::invalid_request(format!("The body is not valid JSON: {error}"), None)
+                })?;
+                Ok(Self(value))
+            }
             Err(error) => {
                 let mut path = error.path().to_string();
                 let mut inner = error.into_inner();

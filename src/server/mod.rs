@@ -118,6 +118,8 @@ async fn request_span(mut request: Request, next: Next) -> Response {
 pub struct Submitted {
     pub events: mpsc::Receiver<GenerationEvent>,
     model: String,
+    /// Logged with the result, because a stream outlives the request's span.
+    request_id: String,
 }
 
 /// The whole output of a non-streamed request.
@@ -129,6 +131,7 @@ pub struct Collected {
 }
 
 pub fn submit(served: &Arc<ServedModel>, request: GenerationRequest) -> Result<Submitted, ApiError> {
+    let request_id = request.request_id.clone();
     let events = served
         .worker
         .submit(&served.id, request)
@@ -136,6 +139,7 @@ pub fn submit(served: &Arc<ServedModel>, request: GenerationRequest) -> Result<S
     Ok(Submitted {
         events,
         model: served.id.clone(),
+        request_id,
     })
 }
 
@@ -182,6 +186,7 @@ impl Submitted {
             }
         };
         tracing::info!(
+            request_id = %self.request_id,
             model = %self.model,
             finish_reason = reason,
             prompt_tokens = prompt,

@@ -28,7 +28,7 @@ pub struct StreamOptions {
 #[derive(Debug, Default, Deserialize)]
 pub struct GenerationFields {
     #[serde(default)]
-    pub stream: bool,
+    pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
@@ -48,6 +48,14 @@ pub struct GenerationFields {
     pub n: Option<u64>,
     #[serde(default)]
     pub user: Option<String>,
+    /// OpenAI fields tierd does not implement; a request that sets one to anything but its
+    /// neutral value is rejected rather than silently answered without it.
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Value>,
+    #[serde(default)]
+    pub presence_penalty: Option<serde_json::Value>,
+    #[serde(default)]
+    pub frequency_penalty: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +68,17 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     #[serde(default)]
     pub top_logprobs: Option<u64>,
+    /// Not implemented; rejected unless neutral (see `GenerationFields::logit_bias`).
+    #[serde(default)]
+    pub tools: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    pub functions: Option<serde_json::Value>,
+    #[serde(default)]
+    pub function_call: Option<serde_json::Value>,
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
     #[serde(flatten)]
     pub fields: GenerationFields,
 }
@@ -97,6 +116,9 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     #[serde(default)]
     pub suffix: Option<String>,
+    /// Not implemented; rejected unless 1.
+    #[serde(default)]
+    pub best_of: Option<serde_json::Value>,
     #[serde(flatten)]
     pub fields: GenerationFields,
 }

@@ -20,6 +20,22 @@ pub struct Validated {
     pub include_usage: bool,
 }
 
+/// Rejects a field tierd does not implement unless it is absent, null or `neutral`.
+pub fn reject_unsupported(
+    name: &str,
+    value: &Option<serde_json::Value>,
+    neutral: &[serde_json::Value],
+) -> Result<(), ApiError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(value) if neutral.contains(value) => Ok(()),
+        Some(value) => Err(ApiError::invalid_request(
+            format!("`{name}` is not supported by tierd (got {value}); remove it from the request."),
+            Some(name),
+        )),
+    }
+}
+
 /// Checks the shared fields; `max_tokens` is the endpoint's own limit field when it has one
 /// (chat's `max_completion_tokens` overrides `max_tokens`).
 pub fn validate(
@@ -27,6 +43,11 @@ pub fn validate(
     max_tokens_override: Option<(u64, &str)>,
     default_max_tokens: usize,
 ) -> Result<Validated, ApiError> {
+    use serde_json::json;
+    reject_unsupported("logit_bias", &fields.logit_bias, &[json!({})])?;
+    reject_unsupported("presence_penalty", &fields.presence_penalty, &[json!(0), json!(0.0)])?;
+    reject_unsupported("frequency_penalty", &fields.frequency_penalty, &[json!(0), json!(0.0)])?;
+
     if let Some(n) = fields.n {
         if n != 1 {
             return Err(ApiError::invalid_request(
@@ -102,7 +123,7 @@ pub fn validate(
             seed: fields.seed,
         },
         stop,
-        stream: fields.stream,
+        stream: fields.stream.unwrap_or(false),
         include_usage,
     })
 }
@@ -113,7 +134,7 @@ pub fn check_context(prompt_tokens: usize, context_length: usize, param: &str) -
         return Err(ApiError::invalid_request(
             format!(
                 "This model's maximum context length is {context_length} tokens, but the prompt has \
-                 {prompt_tokens} tokens. Shorten the {param}."
+                 {prompt_tokens} tokens, which leaves no room for the completion. Shorten the {param}."
             ),
             Some(param),
         )

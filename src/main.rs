@@ -112,6 +112,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("all models loaded; ready");
     });
 
+    // NOTE: no header-read or idle timeout is set, so a client that sends nothing keeps its
+    // connection open. Fine on 127.0.0.1; a public listener needs a proxy that enforces them.
     axum::serve(listener, server::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await

@@ -55,7 +55,13 @@ pub async fn chat_completions(
         .map(|value| (value, "max_completion_tokens"));
     let params = validate(body.fields, override_max, state.config.server.default_max_tokens)?;
 
-    let prompt_tokens = match served.chat_prompt(&messages) {
+    // Tokenizing a multi-megabyte prompt takes long enough to stall the async runtime, so it
+    // runs on the blocking pool.
+    let tokenizing = served.clone();
+    let rendered = tokio::task::spawn_blocking(move || tokenizing.chat_prompt(&messages))
+        .await
+        .map_err(ApiError::internal)?;
+    let prompt_tokens = match rendered {
         Ok(Some(tokens)) => tokens,
         Ok(None) => {
             return Err(ApiError::invalid_request(

@@ -51,15 +51,8 @@ pub async fn completions(
     };
 
     let (prompt_text, prompt_tokens) = match body.prompt {
-        PromptField::Text(text) => {
-            let tokens = served.encode(&text, true).map_err(ApiError::internal)?;
-            (text, tokens)
-        }
-        PromptField::Texts(mut texts) if texts.len() == 1 => {
-            let text = texts.remove(0);
-            let tokens = served.encode(&text, true).map_err(ApiError::internal)?;
-            (text, tokens)
-        }
+        PromptField::Text(text) => encode_blocking(&served, text).await?,
+        PromptField::Texts(mut texts) if texts.len() == 1 => encode_blocking(&served, texts.remove(0)).await?,
         PromptField::Texts(texts) => {
             return Err(ApiError::invalid_request(
                 format!("Invalid value for `prompt`: {} prompts given; send one prompt per request.", texts.len()),
@@ -126,6 +119,22 @@ pub async fn completions(
         usage: Some(Some(collected.usage)),
     };
     Ok(axum::Json(response).into_response())
+}
+
+/// Tokenizes a prompt on the blocking pool, because a multi-megabyte prompt takes long enough
+/// to stall the async runtime.
+async fn encode_blocking(
+    served: &Arc<crate::registry::ServedModel>,
+    text: String,
+) -> Result<(String, Vec<u32>), ApiError> {
+    let tokenizing = served.clone();
+    tokio::task::spawn_blocking(move || {
+        let tokens = tokenizing.encode(&text, true)?;
+        Ok::<_, String>((text, tokens))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)
 }
 
 fn legacy_logprobs(tokens: &[TokenLogprob], start_offset: usize) -> CompletionLogprobs {

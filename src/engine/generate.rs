@@ -161,32 +161,17 @@ fn run(
         let text = decoder
             .push(&model.tokenizer, token.id)
             .map_err(|e| e.to_string())?;
-        match stop.push(&text) {
-            StopOutcome::Continue(ready) => {
-                if !ready.is_empty() || !pending_logprobs.is_empty() {
-                    let event = GenerationEvent::Delta {
-                        text: ready,
-                        logprobs: std::mem::take(&mut pending_logprobs),
-                    };
-                    if events.blocking_send(event).is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-            StopOutcome::Stopped(ready) => {
-                if !ready.is_empty() || !pending_logprobs.is_empty() {
-                    let event = GenerationEvent::Delta {
-                        text: ready,
-                        logprobs: std::mem::take(&mut pending_logprobs),
-                    };
-                    if events.blocking_send(event).is_err() {
-                        return Ok(());
-                    }
-                }
-                reason = FinishReason::Stop;
-                stopped_by_string = true;
-                break;
-            }
+        let (ready, stopped) = match stop.push(&text) {
+            StopOutcome::Continue(ready) => (ready, false),
+            StopOutcome::Stopped(ready) => (ready, true),
+        };
+        if !send_delta(events, ready, &mut pending_logprobs) {
+            return Ok(());
+        }
+        if stopped {
+            reason = FinishReason::Stop;
+            stopped_by_string = true;
+            break;
         }
 
         if completion_tokens == budget {
@@ -213,14 +198,8 @@ fn run(
                 reason = FinishReason::Stop;
             }
         }
-        if !text.is_empty() || !pending_logprobs.is_empty() {
-            let event = GenerationEvent::Delta {
-                text,
-                logprobs: pending_logprobs,
-            };
-            if events.blocking_send(event).is_err() {
-                return Ok(());
-            }
+        if !send_delta(events, text, &mut pending_logprobs) {
+            return Ok(());
         }
     }
     timings.decode = decode_started.elapsed();
@@ -232,6 +211,23 @@ fn run(
         timings,
     });
     Ok(())
+}
+
+/// Sends `text` with the pending log-probabilities, unless both are empty. Returns false when
+/// the receiver is gone.
+fn send_delta(
+    events: &mpsc::Sender<GenerationEvent>,
+    text: String,
+    pending_logprobs: &mut Vec<TokenLogprob>,
+) -> bool {
+    if text.is_empty() && pending_logprobs.is_empty() {
+        return true;
+    }
+    let event = GenerationEvent::Delta {
+        text,
+        logprobs: std::mem::take(pending_logprobs),
+    };
+    events.blocking_send(event).is_ok()
 }
 
 /// Tokens that end generation: EOS and the control tokens that close a turn.

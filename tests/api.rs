@@ -1086,3 +1086,16 @@ async fn error_unsupported_fields() {
     neutral["response_format"] = json!({"type": "text"});
     post_ok(server, "/v1/chat/completions", &neutral).await;
 }
+
+#[tokio::test]
+async fn retrieve_one_model() {
+    let (server, _lock) = shared();
+    let reply = get(server, &format!("/v1/models/{QWEN}")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let card = reply.json();
+    assert_eq!(card["id"], QWEN, "{card}");
+    assert_eq!(card["object"], "model", "{card}");
+
+    let missing = get(server, "/v1/models/no-such-model").await;
+    assert_api_error(&missing, StatusCode::NOT_FOUND, "invalid_request_error", Some("model"), "no-such-model");
+}

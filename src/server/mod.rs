@@ -66,6 +66,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{id}", get(models::retrieve_model))
         .route("/health", get(models::health))
         .fallback(models::not_found)
         .method_not_allowed_fallback(models::method_not_allowed)

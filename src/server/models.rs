@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -10,22 +10,34 @@ use serde_json::json;
 use super::error::ApiError;
 use super::openai::{ModelCard, ModelList};
 use super::AppState;
+use crate::registry::ServedModel;
+
+fn model_card(served: &ServedModel) -> ModelCard {
+    ModelCard {
+        id: served.id.clone(),
+        object: "model",
+        created: served.created,
+        owned_by: "tierd",
+    }
+}
 
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Result<axum::Json<ModelList>, ApiError> {
     let registry = state.registry()?;
-    let data = registry
-        .iter()
-        .map(|served| ModelCard {
-            id: served.id.clone(),
-            object: "model",
-            created: served.created,
-            owned_by: "tierd",
-        })
-        .collect();
+    let data = registry.iter().map(|served| model_card(served)).collect();
     Ok(axum::Json(ModelList {
         object: "list",
         data,
     }))
+}
+
+/// `GET /v1/models/{id}`, which the OpenAI SDKs call `models.retrieve`.
+pub async fn retrieve_model(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ModelCard>, ApiError> {
+    let registry = state.registry()?;
+    let served = registry.get(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
+    Ok(axum::Json(model_card(&served)))
 }
 
 /// 200 with each model's load time and queue depth once loading is done, 503 before.

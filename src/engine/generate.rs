@@ -141,6 +141,8 @@ fn run(
         let token = sampler.sample(&values, top_count);
         completion_tokens += 1;
 
+        // NOTE: the end-of-turn token counts in `completion_tokens` but gets no logprobs
+        // entry, so a finished answer has one entry fewer than its completion tokens.
         if end_tokens.contains(&token.id) {
             reason = FinishReason::Stop;
             break;

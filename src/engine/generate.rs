@@ -137,8 +137,7 @@ fn run(
 
     while completion_tokens < budget {
         let values: Vec<f32> = logits.to_vec1().map_err(|e| e.to_string())?;
-        let top_count = request.logprobs.unwrap_or(0);
-        let token = sampler.sample(&values, top_count);
+        let token = sampler.sample(&values, request.logprobs);
         completion_tokens += 1;
 
         // NOTE: the end-of-turn token counts in `completion_tokens` but gets no logprobs

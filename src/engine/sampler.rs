@@ -50,13 +50,21 @@ impl Sampler {
         self.params.temperature <= 0.0
     }
 
-    /// Picks the next token from raw `logits`. `top_logprobs` alternatives are returned, with
-    /// log-probabilities of the unmodified distribution, as OpenAI reports them.
-    pub fn sample(&mut self, logits: &[f32], top_logprobs: usize) -> SampledToken {
+    /// Picks the next token from raw `logits`. With `logprobs`, the token's log-probability and
+    /// that many alternatives are returned, from the unmodified distribution as OpenAI reports
+    /// them; without it, `logprob` is 0 and the full-vocabulary normalisation is skipped.
+    pub fn sample(&mut self, logits: &[f32], logprobs: Option<usize>) -> SampledToken {
         let id = if self.is_greedy() {
             argmax(logits)
         } else {
             self.sample_random(logits)
+        };
+        let Some(top_logprobs) = logprobs else {
+            return SampledToken {
+                id,
+                logprob: 0.0,
+                top: Vec::new(),
+            };
         };
 
         let log_norm = log_sum_exp(logits);
@@ -74,6 +82,9 @@ impl Sampler {
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
         let temperature = self.params.temperature;
+        if self.params.top_k == 0 && self.params.top_p >= 1.0 {
+            return self.sample_full(logits);
+        }
         let mut candidates: Vec<usize> = if self.params.top_k > 0 {
             top_k_indices(logits, self.params.top_k)
         } else {
@@ -113,6 +124,25 @@ impl Sampler {
             }
         }
         candidates[probs.len() - 1] as u32
+    }
+}
+
+impl Sampler {
+    /// Samples from the whole vocabulary in one linear pass: no sorting is needed when neither
+    /// top-k nor top-p cuts the distribution.
+    fn sample_full(&mut self, logits: &[f32]) -> u32 {
+        let temperature = self.params.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = logits.iter().map(|l| ((l - max) / temperature).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        let mut threshold = self.rng.random::<f32>() * total;
+        for (index, weight) in weights.iter().enumerate() {
+            threshold -= weight;
+            if threshold <= 0.0 {
+                return index as u32;
+            }
+        }
+        argmax(logits)
     }
 }
 
@@ -156,7 +186,7 @@ mod tests {
             temperature: 0.0,
             ..Default::default()
         });
-        assert_eq!(sampler.sample(&[0.5, 2.0, 2.0, -1.0], 0).id, 1);
+        assert_eq!(sampler.sample(&[0.5, 2.0, 2.0, -1.0], None).id, 1);
     }
 
     #[test]
@@ -170,9 +200,23 @@ mod tests {
         };
         let run = |params: &SamplingParams| {
             let mut sampler = Sampler::new(params.clone());
-            (0..20).map(|_| sampler.sample(&logits, 0).id).collect::<Vec<_>>()
+            (0..20).map(|_| sampler.sample(&logits, None).id).collect::<Vec<_>>()
         };
         assert_eq!(run(&params), run(&params));
+    }
+
+    #[test]
+    fn full_sampling_follows_the_distribution() {
+        // Token 1 has probability e^2 / (1 + e^2 + 1) = 0.79 at temperature 1.
+        let logits = [0.0, 2.0, 0.0];
+        let mut sampler = Sampler::new(SamplingParams {
+            seed: Some(3),
+            ..Default::default()
+        });
+        let draws = 2000;
+        let ones = (0..draws).filter(|_| sampler.sample(&logits, None).id == 1).count();
+        let share = ones as f64 / draws as f64;
+        assert!((share - 0.787).abs() < 0.04, "token 1 drawn {share:.3} of the time");
     }
 
     #[test]
@@ -185,7 +229,7 @@ mod tests {
             ..Default::default()
         });
         for _ in 0..10 {
-            assert_eq!(sampler.sample(&logits, 0).id, 1);
+            assert_eq!(sampler.sample(&logits, None).id, 1);
         }
     }
 
@@ -195,7 +239,7 @@ mod tests {
             temperature: 0.0,
             ..Default::default()
         });
-        let token = sampler.sample(&[1.0, 2.0, 3.0], 3);
+        let token = sampler.sample(&[1.0, 2.0, 3.0], Some(3));
         let total: f32 = token.top.iter().map(|(_, lp)| lp.exp()).sum();
         assert!((total - 1.0).abs() < 1e-5, "probabilities sum to {total}");
         assert_eq!(token.top[0].0, 2);

@@ -210,7 +210,11 @@ impl Transformer {
         }
 
         let (cos_global, sin_global) = self.rope_global.tables(start_pos, seq)?;
-        let (cos_local, sin_local) = self.rope_local.tables(start_pos, seq)?;
+        let (cos_local, sin_local) = if hp.sliding_window.is_some() {
+            self.rope_local.tables(start_pos, seq)?
+        } else {
+            (cos_global.clone(), sin_global.clone())
+        };
 
         for (index, layer) in self.layers.iter().enumerate() {
             let (cos, sin) = match layer.window {

@@ -9,47 +9,8 @@
 use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType};
 use half::f16;
 
-/// Elements per Q8_0 and Q8_1 block.
-pub const QK8: usize = 32;
-/// Elements per K-quant super-block.
-pub const QK_K: usize = 256;
-
-/// Layout of candle's `BlockQ8_0` (both are `repr(C)`), whose fields are private to candle.
-#[repr(C)]
-struct Q8_0 {
-    d: f16,
-    qs: [i8; QK8],
-}
-
-#[repr(C)]
-struct Q8_1 {
-    d: f16,
-    s: f16,
-    qs: [i8; QK8],
-}
-
-#[repr(C)]
-struct Q8K {
-    d: f32,
-    qs: [i8; QK_K],
-    bsums: [i16; QK_K / 16],
-}
-
-const _: () = assert!(std::mem::size_of::<Q8_0>() == std::mem::size_of::<BlockQ8_0>());
-const _: () = assert!(std::mem::size_of::<Q8_1>() == std::mem::size_of::<BlockQ8_1>());
-const _: () = assert!(std::mem::size_of::<Q8K>() == std::mem::size_of::<BlockQ8K>());
-const _: () = assert!(std::mem::align_of::<Q8K>() == std::mem::align_of::<BlockQ8K>());
-
-/// Views candle's blocks as the local layout with the same fields.
-///
-/// SAFETY (for each use below): both types are `repr(C)` with the same field types in the same
-/// order (checked by the size and alignment assertions above against candle 0.11's layout),
-/// and every bit pattern is valid for them.
-fn view_mut<From, To>(blocks: &mut [From]) -> &mut [To] {
-    assert_eq!(std::mem::size_of::<From>(), std::mem::size_of::<To>());
-    assert!(std::mem::align_of::<From>() >= std::mem::align_of::<To>());
-    unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<To>(), blocks.len()) }
-}
+pub use super::layout::{QK8, QK_K};
+use super::layout::{view_mut, Q8K, Q8_0, Q8_1};
 
 fn max_abs(xs: &[f32]) -> f32 {
     xs.iter().fold(0f32, |max, x| max.max(x.abs()))

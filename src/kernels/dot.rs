@@ -7,47 +7,8 @@
 //! machines use candle's scalar kernels.
 
 use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, GgmlType};
-use half::f16;
 
-/// Layouts of candle's `repr(C)` blocks, whose fields are private to candle.
-#[repr(C)]
-struct Q5_0 {
-    d: f16,
-    qh: [u8; 4],
-    qs: [u8; 16],
-}
-
-#[repr(C)]
-struct Q4_1 {
-    d: f16,
-    m: f16,
-    qs: [u8; 16],
-}
-
-#[repr(C)]
-struct Q8_0 {
-    d: f16,
-    qs: [i8; 32],
-}
-
-#[repr(C)]
-struct Q8_1 {
-    d: f16,
-    s: f16,
-    qs: [i8; 32],
-}
-
-const _: () = assert!(std::mem::size_of::<Q5_0>() == std::mem::size_of::<BlockQ5_0>());
-const _: () = assert!(std::mem::size_of::<Q4_1>() == std::mem::size_of::<BlockQ4_1>());
-const _: () = assert!(std::mem::size_of::<Q8_0>() == std::mem::size_of::<BlockQ8_0>());
-const _: () = assert!(std::mem::size_of::<Q8_1>() == std::mem::size_of::<BlockQ8_1>());
-
-fn view<From, To>(blocks: &[From]) -> &[To] {
-    assert_eq!(std::mem::size_of::<From>(), std::mem::size_of::<To>());
-    // SAFETY: both are `repr(C)` with the same fields in the same order (sizes checked above
-    // against candle 0.11), alignment 2 on both sides, and every bit pattern is valid.
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<To>(), blocks.len()) }
-}
+use super::layout::{view, Q4_1, Q5_0, Q8_0, Q8_1};
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
@@ -60,7 +21,7 @@ pub fn dot_q5_0(n: usize, xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: AVX2 and FMA were detected on this CPU.
-        return unsafe { avx2::dot_q5_0(view(xs), view(ys)) };
+        return unsafe { avx2::dot_q5_0(view::<Q5_0>(xs), view::<Q8_0>(ys)) };
     }
     BlockQ5_0::vec_dot(n, xs, ys)
 }
@@ -69,7 +30,7 @@ pub fn dot_q4_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: AVX2 and FMA were detected on this CPU.
-        return unsafe { avx2::dot_q4_1(view(xs), view(ys)) };
+        return unsafe { avx2::dot_q4_1(view::<Q4_1>(xs), view::<Q8_1>(ys)) };
     }
     BlockQ4_1::vec_dot(n, xs, ys)
 }
@@ -78,7 +39,7 @@ pub fn dot_q4_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Q4_1, Q5_0, Q8_0, Q8_1};
+    use crate::kernels::layout::{Q4_1, Q5_0, Q8_0, Q8_1};
 
     /// Expands 16 bytes of packed nibbles to 32 bytes: low nibbles first, then high nibbles,
     /// which is the element order of Q4 and Q5 blocks.

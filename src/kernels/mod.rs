@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod dot;
 pub mod gelu;
+mod layout;
 pub mod qmatmul;
 
 pub use qmatmul::QWeight;

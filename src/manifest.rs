@@ -1,4 +1,4 @@
-//! `models/models.toml`: the models tierd knows how to fetch and serve.
+//! `models/models.toml`: the models that tierd can fetch and serve.
 
 use std::path::{Path, PathBuf};
 

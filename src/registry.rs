@@ -40,7 +40,8 @@ pub enum LoadError {
     Worker { id: String, source: std::io::Error },
 }
 
-/// Where a model's file is: a local path, checked up front, or a hub file fetched at load time.
+/// Returns the model's local file after checking that it exists, or `None` for a hub model,
+/// whose file is fetched at load time.
 pub fn local_path(config: &ModelConfig) -> Result<Option<PathBuf>, LoadError> {
     match &config.path {
         Some(path) if path.is_file() => Ok(Some(path.clone())),

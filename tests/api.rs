@@ -985,8 +985,8 @@ const LOAD_ATTEMPTS: usize = 3;
 #[tokio::test]
 async fn gemma_load_time_and_memory() {
     // Exclusive: generation in other tests would slow the load and blur the timing. The best of
-    // a few starts is compared with the budget, because this shared machine sometimes stalls a
-    // single load by several hundred milliseconds; peak RSS must hold on every start.
+    // a few starts is compared with the budget, because a shared machine sometimes stalls a
+    // single load by several hundred milliseconds. Peak RSS must hold on every start.
     // Measured on the 2-core development VM: load 0.97-1.1 s when quiet (1.8 s in a stall),
     // peak RSS 311.6-312.1 MiB, 1.292 x the 241.4 MiB file against a budget of 313.8 MiB.
     let (_, _lock) = exclusive();

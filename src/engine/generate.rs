@@ -141,7 +141,7 @@ fn run(
         completion_tokens += 1;
 
         // NOTE: the end-of-turn token counts in `completion_tokens` but gets no logprobs
-        // entry, so a finished answer has one entry fewer than its completion tokens.
+        // entry, so a finished completion has one entry fewer than its completion tokens.
         if end_tokens.contains(&token.id) {
             reason = FinishReason::Stop;
             break;

@@ -50,9 +50,9 @@ impl Sampler {
         self.params.temperature <= 0.0
     }
 
-    /// Picks the next token from raw `logits`. With `logprobs`, the token's log-probability and
-    /// that many alternatives are returned, from the unmodified distribution as OpenAI reports
-    /// them; without it, `logprob` is 0 and the full-vocabulary normalisation is skipped.
+    /// Picks the next token from raw `logits`. With `logprobs`, it also returns the token's
+    /// log-probability and that many alternatives, from the unmodified distribution as OpenAI
+    /// reports them. Without it, `logprob` is 0 and the full-vocabulary normalisation is skipped.
     pub fn sample(&mut self, logits: &[f32], logprobs: Option<usize>) -> SampledToken {
         let id = if self.is_greedy() {
             argmax(logits)

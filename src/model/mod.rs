@@ -62,6 +62,14 @@ pub trait LanguageModel: Send + Sync {
     /// Runs `tokens` at the cache's next positions; returns the f32 logits `(n_vocab,)` of the
     /// last token.
     fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor>;
+
+    /// Runs `tokens` like `forward` and returns every token's final hidden state after the
+    /// output norm, `(tokens.len(), n_embd)`.
+    fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor>;
+
+    /// Returns the logits of the vocabulary entries `ids` for each row of `hidden`,
+    /// `(rows, ids.len())`, without computing the rest of the vocabulary.
+    fn output_rows(&self, hidden: &Tensor, ids: &[u32]) -> candle_core::Result<Tensor>;
 }
 
 impl LanguageModel for Transformer {
@@ -75,6 +83,14 @@ impl LanguageModel for Transformer {
 
     fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
         Transformer::forward(self, tokens, cache)
+    }
+
+    fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        Transformer::forward_hidden(self, tokens, cache)
+    }
+
+    fn output_rows(&self, hidden: &Tensor, ids: &[u32]) -> candle_core::Result<Tensor> {
+        Transformer::output_rows(self, hidden, ids)
     }
 }
 

@@ -197,6 +197,29 @@ impl Transformer {
     /// Runs `tokens` at the cache's next positions and returns the logits of the last one, as
     /// an f32 vector of `n_vocab` values. The cache keeps the keys and values of every token.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let x = self.run_layers(tokens, cache)?;
+        let last = x.narrow(0, tokens.len() - 1, 1)?;
+        let last = rms_norm(&last, &self.output_norm, self.hparams.rms_eps)?;
+        self.output.forward(&last)?.squeeze(0)
+    }
+
+    /// Runs `tokens` like [`Transformer::forward`] but returns the final hidden state of every
+    /// token, after the output norm: `(tokens.len(), n_embd)`. [`Transformer::output_rows`]
+    /// turns them into logits.
+    pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let x = self.run_layers(tokens, cache)?;
+        rms_norm(&x, &self.output_norm, self.hparams.rms_eps)
+    }
+
+    /// Returns the logits of the vocabulary entries `ids` for each row of `hidden`:
+    /// `(rows, ids.len())`, equal to those columns of the full output projection.
+    pub fn output_rows(&self, hidden: &Tensor, ids: &[u32]) -> candle_core::Result<Tensor> {
+        self.output.forward_rows(hidden, ids)
+    }
+
+    /// Runs the decoder layers over `tokens` and returns the residual stream `(seq, n_embd)`
+    /// before the output norm.
+    fn run_layers(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
         if tokens.is_empty() {
             candle_core::bail!("forward called with no tokens");
         }
@@ -236,10 +259,7 @@ impl Transformer {
             x = (x + h)?;
         }
         cache.advance(seq);
-
-        let last = x.narrow(0, seq - 1, 1)?;
-        let last = rms_norm(&last, &self.output_norm, hp.rms_eps)?;
-        self.output.forward(&last)?.squeeze(0)
+        Ok(x)
     }
 
     fn feed_forward(&self, ffn: &FeedForward, x: &Tensor) -> candle_core::Result<Tensor> {

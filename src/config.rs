@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::classify::task_config::builtin_tasks;
+use crate::classify::TaskConfig;
 use crate::manifest::{Manifest, ManifestError, ModelSource};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -18,6 +20,28 @@ pub struct Config {
     /// Models to serve; when empty, every model of the manifest is served.
     #[serde(default, rename = "model")]
     pub models: Vec<ModelConfig>,
+    /// Sentence encoders for classification; when empty, every encoder of the manifest.
+    #[serde(default, rename = "encoder")]
+    pub encoders: Vec<EncoderConfig>,
+    /// Classification tasks, served beside the built-in ones unless `builtin_tasks` is false.
+    #[serde(default, rename = "task")]
+    pub tasks: Vec<TaskConfig>,
+    /// Whether to serve the built-in `sentiment`, `intent` and `route` tasks; a configured
+    /// task of the same name replaces the built-in one.
+    #[serde(default = "default_true")]
+    pub builtin_tasks: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderConfig {
+    pub id: String,
+    /// Folder with `config.json`, `tokenizer.json` and `model.safetensors`.
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +117,9 @@ impl Default for Config {
             server: ServerConfig::default(),
             models_dir: default_models_dir(),
             models: Vec::new(),
+            encoders: Vec::new(),
+            tasks: Vec::new(),
+            builtin_tasks: true,
         }
     }
 }
@@ -165,6 +192,43 @@ impl Config {
             return Err(ConfigError::Invalid("no models to serve".into()));
         }
         Ok(models)
+    }
+
+    /// Returns the tasks to serve, configured ones first, with paths resolved.
+    pub fn resolved_tasks(&self) -> Result<Vec<TaskConfig>, ConfigError> {
+        let mut tasks = self.tasks.clone();
+        if self.builtin_tasks {
+            for task in builtin_tasks().map_err(ConfigError::Invalid)? {
+                if !tasks.iter().any(|t| t.name == task.name) {
+                    tasks.push(task);
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for task in &mut tasks {
+            task.validate().map_err(ConfigError::Invalid)?;
+            if !seen.insert(task.name.clone()) {
+                return Err(ConfigError::Invalid(format!("task `{}` is listed twice", task.name)));
+            }
+            task.resolve_paths(&self.models_dir);
+        }
+        Ok(tasks)
+    }
+
+    /// Returns the encoders that tasks may use: the configured ones, or the manifest's.
+    pub fn resolved_encoders(&self) -> Result<Vec<EncoderConfig>, ConfigError> {
+        if !self.encoders.is_empty() {
+            return Ok(self.encoders.clone());
+        }
+        let manifest = Manifest::load(&self.models_dir.join("models.toml"))?;
+        Ok(manifest
+            .encoders
+            .into_iter()
+            .map(|entry| EncoderConfig {
+                path: self.models_dir.join(&entry.id),
+                id: entry.id,
+            })
+            .collect())
     }
 
     fn manifest_models(&self) -> Result<Vec<ModelConfig>, ConfigError> {

@@ -9,3 +9,5 @@ pub mod hub;
 pub mod registry;
 pub mod server;
 pub mod kernels;
+pub mod classify;
+pub mod commands;

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tierd::classify::setup::load_tasks;
+use tierd::commands::{self, eval::EvalArgs, train::TrainArgs};
 use tierd::config::Config;
 use tierd::registry::{self, Registry, ServedModel};
 use tierd::server::{self, AppState};
@@ -35,6 +37,69 @@ enum Command {
         #[arg(long)]
         models_dir: Option<PathBuf>,
     },
+    /// Train a task's embedding head on labelled JSONL data and write it as safetensors.
+    Train {
+        /// Task whose first embedding_head backend is trained.
+        #[arg(long)]
+        task: String,
+        /// JSONL file of {"text", "label"} lines; repeat to train on several files.
+        #[arg(long, required = true)]
+        data: Vec<PathBuf>,
+        /// Head file to write [default: the backend's `head` path].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// L2 penalty on the weights [default: the backend's `l2`, or the trainer's default].
+        #[arg(long)]
+        l2: Option<f64>,
+        /// Weight each class by the inverse of its frequency.
+        #[arg(long)]
+        balance_classes: bool,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Run a task on labelled JSONL data and report accuracy, macro-F1, calibration and
+    /// accuracy against coverage.
+    Eval {
+        #[arg(long)]
+        task: String,
+        /// JSONL file of {"text", "label"} lines; repeat to evaluate on several files.
+        #[arg(long, required = true)]
+        data: Vec<PathBuf>,
+        /// Run only this backend of the task's chain (0 is the first) on every input.
+        #[arg(long)]
+        backend: Option<usize>,
+        /// Evaluate only the first N examples.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct CommonArgs {
+    /// TOML configuration file; without it the built-in tasks and manifest models are used.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Folder with models.toml and the fetched models [default: models].
+    #[arg(long)]
+    models_dir: Option<PathBuf>,
+}
+
+impl CommonArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(dir) = &self.models_dir {
+            config.models_dir = dir.clone();
+        }
+        Ok(config)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,11 +136,49 @@ fn main() -> anyhow::Result<()> {
                 .context("failed to start the async runtime")?
                 .block_on(serve(config))
         }
+        Command::Train {
+            task,
+            data,
+            out,
+            l2,
+            balance_classes,
+            common,
+        } => {
+            let config = common.load()?;
+            let args = TrainArgs {
+                task,
+                data,
+                out,
+                l2,
+                balance_classes,
+            };
+            commands::train::run(&config, &args)
+        }
+        Command::Eval {
+            task,
+            data,
+            backend,
+            limit,
+            json,
+            common,
+        } => {
+            let config = common.load()?;
+            let args = EvalArgs {
+                task,
+                data,
+                backend,
+                limit,
+                json,
+            };
+            commands::eval::run(&config, &args)
+        }
     }
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let models = config.resolved_models()?;
+    let tasks = config.resolved_tasks()?;
+    let encoders = config.resolved_encoders()?;
     // Fail before binding when a local file is missing, rather than after a partial load.
     for model in &models {
         registry::local_path(model)?;
@@ -109,7 +212,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         if loader_state.registry.set(Registry::new(served)).is_err() {
             tracing::error!("models were loaded twice");
         }
-        tracing::info!("all models loaded; ready");
+        tracing::info!("all models loaded");
+
+        let Some(registry) = loader_state.registry.get() else {
+            return;
+        };
+        match load_tasks(tasks, &encoders, registry, queue_capacity) {
+            Ok(tasks) => {
+                if loader_state.tasks.set(tasks).is_err() {
+                    tracing::error!("tasks were loaded twice");
+                }
+                tracing::info!("ready");
+            }
+            Err(error) => {
+                tracing::error!(%error, "failed to load the classification tasks; exiting");
+                std::process::exit(1);
+            }
+        }
     });
 
     // NOTE: no header-read or idle timeout is set, so a client that sends nothing keeps its

@@ -8,6 +8,14 @@ use serde::Deserialize;
 pub struct Manifest {
     #[serde(default, rename = "model")]
     pub models: Vec<ManifestModel>,
+    /// Sentence encoders, laid out as `<id>/{config.json,tokenizer.json,model.safetensors}`.
+    #[serde(default, rename = "encoder")]
+    pub encoders: Vec<ManifestEncoder>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ManifestEncoder {
+    pub id: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,16 +8,25 @@ use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::generate::{generate, GenerationEvent, GenerationRequest};
+use crate::classify::label_scoring::{score_prompt, LabelSet, PrefixCache, PromptScores};
 use crate::model::LoadedModel;
 
-struct Job {
-    request: GenerationRequest,
-    events: mpsc::Sender<GenerationEvent>,
-    enqueued: Instant,
-    span: tracing::Span,
+enum Job {
+    Generate {
+        request: GenerationRequest,
+        events: mpsc::Sender<GenerationEvent>,
+        enqueued: Instant,
+        span: tracing::Span,
+    },
+    Score {
+        prompts: Vec<Vec<u32>>,
+        labels: Arc<LabelSet>,
+        reply: oneshot::Sender<Result<Vec<PromptScores>, String>>,
+        span: tracing::Span,
+    },
 }
 
 /// Handle to a model's generation thread.
@@ -45,14 +54,64 @@ impl ModelWorker {
         std::thread::Builder::new()
             .name(format!("generate-{model_id}"))
             .spawn(move || {
+                // Built on the first scoring job: generation does not use it.
+                let mut prefix: Option<PrefixCache> = None;
                 while let Ok(job) = receiver.recv() {
                     thread_queued.fetch_sub(1, Ordering::SeqCst);
-                    let _enter = job.span.enter();
-                    if job.events.is_closed() {
-                        tracing::info!("client left while queued, skipping");
-                        continue;
+                    match job {
+                        Job::Generate {
+                            request,
+                            events,
+                            enqueued,
+                            span,
+                        } => {
+                            let _enter = span.enter();
+                            if events.is_closed() {
+                                tracing::info!("client left while queued, skipping");
+                                continue;
+                            }
+                            generate(&model, &request, enqueued.elapsed(), &events);
+                        }
+                        Job::Score {
+                            prompts,
+                            labels,
+                            reply,
+                            span,
+                        } => {
+                            let _enter = span.enter();
+                            let network = model.network.as_ref();
+                            let prefix = prefix.get_or_insert_with(|| {
+                                PrefixCache::new(network, network.hparams().context_length)
+                            });
+                            let mut scores = Vec::with_capacity(prompts.len());
+                            let mut failure = None;
+                            for prompt in &prompts {
+                                if reply.is_closed() {
+                                    break;
+                                }
+                                match score_prompt(network, prefix, prompt, &labels) {
+                                    Ok(score) => scores.push(score),
+                                    Err(error) => {
+                                        failure = Some(error.to_string());
+                                        break;
+                                    }
+                                }
+                            }
+                            if reply.is_closed() {
+                                tracing::info!("client left during label scoring, stopped");
+                                continue;
+                            }
+                            // A failed run may leave the cache in any state, so it starts over.
+                            let result = match failure {
+                                Some(message) => {
+                                    *prefix = PrefixCache::new(network, network.hparams().context_length);
+                                    Err(message)
+                                }
+                                None => Ok(scores),
+                            };
+                            let _ = reply.send(result);
+                        }
                     }
-                    generate(&model, &job.request, job.enqueued.elapsed(), &job.events);
                 }
             })?;
         Ok(Self {
@@ -70,15 +129,40 @@ impl ModelWorker {
         request: GenerationRequest,
     ) -> Result<mpsc::Receiver<GenerationEvent>, QueueFull> {
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
-        let job = Job {
+        let job = Job::Generate {
             request,
             events,
             enqueued: Instant::now(),
             span: tracing::Span::current(),
         };
+        self.enqueue(model_id, job)?;
+        Ok(receiver)
+    }
+
+    /// Queues label scoring of `prompts`; the receiver gets one [`PromptScores`] per prompt,
+    /// or the error that stopped the job. Dropping the receiver stops the job after the
+    /// current prompt.
+    pub fn submit_scoring(
+        &self,
+        model_id: &str,
+        prompts: Vec<Vec<u32>>,
+        labels: Arc<LabelSet>,
+    ) -> Result<oneshot::Receiver<Result<Vec<PromptScores>, String>>, QueueFull> {
+        let (reply, receiver) = oneshot::channel();
+        let job = Job::Score {
+            prompts,
+            labels,
+            reply,
+            span: tracing::Span::current(),
+        };
+        self.enqueue(model_id, job)?;
+        Ok(receiver)
+    }
+
+    fn enqueue(&self, model_id: &str, job: Job) -> Result<(), QueueFull> {
         self.queued.fetch_add(1, Ordering::SeqCst);
         match self.sender.try_send(job) {
-            Ok(()) => Ok(receiver),
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
                 Err(QueueFull {

@@ -51,6 +51,14 @@ impl ApiError {
         error
     }
 
+    /// 404 for a named resource other than a model.
+    pub fn not_found(message: impl Into<String>, param: &str, code: &'static str) -> Self {
+        let mut error = Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message);
+        error.param = Some(param.into());
+        error.code = Some(code);
+        error
+    }
+
     pub fn unsupported_media_type(found: &str) -> Self {
         Self::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

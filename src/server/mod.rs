@@ -5,6 +5,7 @@
 //! validates the sampling fields that both endpoints share.
 
 mod chat;
+mod classify;
 mod completions;
 pub mod error;
 mod json;
@@ -25,6 +26,7 @@ use axum::Router;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::classify::TaskSet;
 use crate::config::Config;
 use crate::engine::generate::Timings;
 use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
@@ -39,6 +41,8 @@ pub struct AppState {
     pub config: Config,
     /// Set once every model has loaded. Until then the generation routes return 503.
     pub registry: OnceLock<Registry>,
+    /// Set once the tasks' encoders and heads have loaded, after the models.
+    pub tasks: OnceLock<TaskSet>,
 }
 
 impl AppState {
@@ -46,11 +50,16 @@ impl AppState {
         Self {
             config,
             registry: OnceLock::new(),
+            tasks: OnceLock::new(),
         }
     }
 
     fn registry(&self) -> Result<&Registry, ApiError> {
         self.registry.get().ok_or_else(ApiError::loading)
+    }
+
+    fn tasks(&self) -> Result<&TaskSet, ApiError> {
+        self.tasks.get().ok_or_else(ApiError::loading)
     }
 }
 
@@ -65,6 +74,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/classify", post(classify::classify))
+        .route("/v1/tasks", get(classify::list_tasks))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{id}", get(models::retrieve_model))
         .route("/health", get(models::health))

@@ -40,9 +40,10 @@ pub async fn retrieve_model(
     Ok(axum::Json(model_card(&served)))
 }
 
-/// 200 with each model's load time and queue depth once loading is done, 503 before.
+/// 200 with each model's load time and queue depth, and the task names, once models and
+/// tasks have loaded; 503 before.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let Some(registry) = state.registry.get() else {
+    let (Some(registry), Some(tasks)) = (state.registry.get(), state.tasks.get()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "loading"})),
@@ -61,7 +62,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
             })
         })
         .collect();
-    axum::Json(json!({"status": "ok", "models": models})).into_response()
+    let tasks: Vec<&str> = tasks.iter().map(|task| task.name.as_str()).collect();
+    axum::Json(json!({"status": "ok", "models": models, "tasks": tasks})).into_response()
 }
 
 pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {

@@ -34,7 +34,9 @@ pub const QUEUE_CAPACITY: usize = 4;
 /// Body limit of the shared server, in bytes.
 pub const MAX_BODY_BYTES: usize = 65536;
 
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Covers loading three models and, on the first start after a fetch, training the built-in
+/// sentiment head (about 25 s on 2 cores).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(180);
 /// Upper bound for any single HTTP exchange, so a hung server fails the test instead of
 /// blocking the run.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -178,6 +180,12 @@ impl Server {
     /// Returns whether the process is still running.
     pub fn is_running(&self) -> bool {
         matches!(self.child().try_wait(), Ok(None))
+    }
+
+    /// Kills the process. `Child::kill` sends no signal once the child has been reaped, so it
+    /// cannot hit a process that reused the pid.
+    pub fn kill(&self) {
+        let _ = self.child().kill();
     }
 
     fn child(&self) -> std::sync::MutexGuard<'_, Child> {

@@ -4,7 +4,7 @@
 //! the safetensors metadata key `labels`: a JSON array of the label names in class order.
 //! `encoder` names the encoder whose embeddings the head was trained on.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
@@ -102,12 +102,7 @@ impl Head {
             path: path.to_path_buf(),
             message,
         };
-        let weight = TensorView::new(Dtype::F32, vec![self.model.classes, self.model.dim], &weight_bytes)
-            .map_err(|e| invalid(e.to_string()))?;
-        let bias = TensorView::new(Dtype::F32, vec![self.model.classes], &bias_bytes)
-            .map_err(|e| invalid(e.to_string()))?;
-
-        let mut metadata = HashMap::new();
+        let mut metadata = BTreeMap::new();
         let labels = serde_json::to_string(&self.labels).map_err(|e| invalid(e.to_string()))?;
         metadata.insert("labels".to_string(), labels);
         if let Some(encoder) = &self.encoder {
@@ -116,8 +111,11 @@ impl Head {
         for (key, value) in extra {
             metadata.insert(key.to_string(), value.clone());
         }
-        let bytes = safetensors::serialize([("weight", weight), ("bias", bias)], Some(metadata))
-            .map_err(|e| invalid(e.to_string()))?;
+        let tensors = [
+            ("bias", vec![self.model.classes], bias_bytes),
+            ("weight", vec![self.model.classes, self.model.dim], weight_bytes),
+        ];
+        let bytes = serialize(&metadata, &tensors).map_err(|e| invalid(e.to_string()))?;
 
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(write_error)?;
@@ -146,6 +144,39 @@ fn f32_values(view: &TensorView<'_>) -> Result<Vec<f32>, String> {
         return Err(format!("value {index} is not finite"));
     }
     Ok(values)
+}
+
+/// Writes F32 tensors in the safetensors format with the header's keys in sorted order, so the
+/// same head always gives the same bytes. `safetensors::serialize` takes its metadata as a
+/// `HashMap`, whose order changes from one process to the next.
+fn serialize(
+    metadata: &BTreeMap<String, String>,
+    tensors: &[(&str, Vec<usize>, Vec<u8>)],
+) -> Result<Vec<u8>, serde_json::Error> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    let mut offset = 0;
+    for (name, shape, data) in tensors {
+        let entry = serde_json::json!({
+            "dtype": "F32",
+            "shape": shape,
+            "data_offsets": [offset, offset + data.len()],
+        });
+        header.insert(name.to_string(), entry);
+        offset += data.len();
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    // The data must start at a multiple of 8 bytes; the format pads the header with spaces.
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut bytes = Vec::with_capacity(8 + header.len() + offset);
+    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&header);
+    for (_, _, data) in tensors {
+        bytes.extend_from_slice(data);
+    }
+    Ok(bytes)
 }
 
 fn le_bytes(values: &[f32]) -> Vec<u8> {

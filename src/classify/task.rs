@@ -284,7 +284,7 @@ impl Task {
     }
 }
 
-/// What loading a task may use: encoders by id and the served language models.
+/// Encoders by id and served language models, from which a task's backends are built.
 pub struct TaskResources<'a> {
     pub encoders: &'a HashMap<String, Arc<EncoderWorker>>,
     pub registry: &'a Registry,
@@ -470,6 +470,11 @@ fn load_backend(
     })
 }
 
+/// L2 penalty of a head fitted from a few examples per label. Each class then carries a large
+/// share of the data, and the trainer's default (tuned for thousands of samples) lets the
+/// weights grow until every example gets a probability near 1.
+const EXAMPLE_HEAD_L2: f64 = 1e-2;
+
 #[allow(clippy::too_many_arguments)]
 fn load_or_fit_head(
     config: &TaskConfig,
@@ -508,6 +513,9 @@ fn load_or_fit_head(
     }
 
     let mut options = TrainOptions::default();
+    if train_data.is_empty() {
+        options.l2 = EXAMPLE_HEAD_L2;
+    }
     if let Some(l2) = l2 {
         options.l2 = l2;
     }

@@ -292,6 +292,37 @@ mod tests {
     }
 
     #[test]
+    fn configured_task_replaces_builtin() {
+        let config = parse(
+            "[[task]]\nname = \"sentiment\"\nthreshold = 0.3\n[[task.label]]\nname = \"a\"\n\
+             [[task.label]]\nname = \"b\"\n[[task.backend]]\nkind = \"embedding_head\"\nencoder = \"e\"\n",
+        );
+        let tasks = config.resolved_tasks().unwrap();
+        let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["sentiment", "intent", "route"]);
+        assert_eq!(tasks[0].threshold, 0.3);
+        assert!(!tasks[0].builtin);
+        assert!(tasks[1].builtin);
+    }
+
+    #[test]
+    fn builtin_tasks_can_be_turned_off() {
+        let config = parse("builtin_tasks = false\n");
+        assert!(config.resolved_tasks().unwrap().is_empty());
+    }
+
+    #[test]
+    fn task_paths_resolve_against_models_dir() {
+        let config = parse("models_dir = \"/srv/models\"\n");
+        let tasks = config.resolved_tasks().unwrap();
+        let intent = tasks.iter().find(|t| t.name == "intent").unwrap();
+        let crate::classify::task_config::BackendConfig::EmbeddingHead { head, .. } = &intent.backends[0] else {
+            panic!("intent's first backend is not a head");
+        };
+        assert_eq!(head.as_deref(), Some(Path::new("/srv/models/heads/intent/head.safetensors")));
+    }
+
+    #[test]
     fn empty_id_and_zero_context_are_rejected() {
         let empty = parse("[[model]]\nid = \" \"\npath = \"m.gguf\"\n");
         assert!(empty.resolved_models().is_err());

@@ -270,7 +270,7 @@ impl EncoderWorker {
     }
 }
 
-/// Why a queued encoder job produced no embeddings.
+/// Failure of a queued encoder job.
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyQueueError {
     #[error(transparent)]

@@ -11,6 +11,10 @@
 //!   review runs while the shared instructions stay cached, as for consecutive requests of one
 //!   task. Each iteration covers two inputs.
 //!
+//! `label_step` isolates what label scoring saves: one more token after a cached prompt, with
+//! logits for the whole vocabulary or for the two label tokens only. Every label token after
+//! the first costs one such step, in both approaches.
+//!
 //! Run with `cargo bench --bench label_scoring`; BENCHMARKS.md records the figures.
 
 use std::path::PathBuf;
@@ -76,6 +80,29 @@ fn bench_label_scoring(c: &mut Criterion) {
                 // Alternating reviews keep the shared instructions cached but never the review.
                 score_prompt(network, &mut prefix, &other, &set).expect("score other");
                 score_prompt(network, &mut prefix, &prompt, &set).expect("score")
+            })
+        });
+        group.finish();
+
+        // One label token after a cached prompt: the layers run for one position in both
+        // cases, and only the output projection differs.
+        let mut group = c.benchmark_group(format!("{id}/label_step"));
+        group.sample_size(20);
+        let mut cache = network.new_cache(capacity);
+        network.forward(&prompt, &mut cache).expect("prefill");
+        let next = [prompt[prompt.len() - 1]];
+        let rows: Vec<u32> = [" positive", " negative"].iter().map(|t| encode(&model, t, false)[0]).collect();
+        group.bench_function("full_vocabulary", |b| {
+            b.iter(|| {
+                cache.truncate(prompt.len());
+                network.forward(&next, &mut cache).expect("step")
+            })
+        });
+        group.bench_function("label_rows", |b| {
+            b.iter(|| {
+                cache.truncate(prompt.len());
+                let hidden = network.forward_hidden(&next, &mut cache).expect("step");
+                network.output_rows(&hidden, &rows).expect("rows")
             })
         });
         group.finish();

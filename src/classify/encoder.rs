@@ -198,6 +198,9 @@ struct EncodeJob {
 }
 
 /// A loaded encoder with its own thread and bounded queue, shared by every task that uses it.
+///
+/// NOTE: each job is one request's inputs. Single-input requests that arrive together run one
+/// by one instead of in a shared batch.
 pub struct EncoderWorker {
     pub id: String,
     pub encoder: Arc<SentenceEncoder>,

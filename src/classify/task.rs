@@ -70,6 +70,8 @@ pub enum ClassifyError {
     },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// One backend's answer for one input, kept in the result so a client sees the whole chain.
@@ -129,13 +131,13 @@ pub struct Classification {
 impl Task {
     /// Classifies `inputs` in order: normalises them to NFC, checks them, then runs each
     /// through the backend chain, batching the inputs that reach the same backend.
-    pub async fn classify(&self, inputs: Vec<String>) -> Result<Classification, ClassifyError> {
+    pub async fn classify(self: Arc<Self>, inputs: Vec<String>) -> Result<Classification, ClassifyError> {
         self.classify_with(inputs, None).await
     }
 
     /// Like [`Task::classify`], but with `only` set, runs that one backend on every input.
     pub async fn classify_with(
-        &self,
+        self: Arc<Self>,
         inputs: Vec<String>,
         only: Option<usize>,
     ) -> Result<Classification, ClassifyError> {
@@ -151,7 +153,17 @@ impl Task {
             Some(index) => vec![index],
             None => (0..self.backends.len()).collect(),
         };
-        let prepared = self.prepare(&inputs, &chain)?;
+        // Tokenizing and rendering prompts for a large batch takes long enough to stall the
+        // async runtime, so it runs on the blocking pool.
+        let task = self.clone();
+        let prepare_chain = chain.clone();
+        let (inputs, prepared) = tokio::task::spawn_blocking(move || {
+            let prepared = task.prepare(&inputs, &prepare_chain);
+            (inputs, prepared)
+        })
+        .await
+        .map_err(|e| ClassifyError::Internal(format!("input preparation stopped: {e}")))?;
+        let prepared = prepared?;
 
         let mut attempts: Vec<Vec<(usize, BackendOutput)>> = vec![Vec::new(); inputs.len()];
         let mut pending: Vec<usize> = (0..inputs.len()).collect();

@@ -93,7 +93,7 @@ pub fn run(config: &Config, args: &EvalArgs) -> anyhow::Result<()> {
     let (mut prompt_tokens, mut cached_tokens) = (0, 0);
     for (batch_index, batch) in examples.chunks(BATCH).enumerate() {
         let texts: Vec<String> = batch.iter().map(|e| e.text.clone()).collect();
-        let classification = runtime.block_on(task.classify_with(texts, args.backend))?;
+        let classification = runtime.block_on(task.clone().classify_with(texts, args.backend))?;
         prompt_tokens += classification.usage.prompt_tokens;
         cached_tokens += classification.usage.cached_tokens;
         for result in classification.results {

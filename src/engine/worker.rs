@@ -55,6 +55,8 @@ impl ModelWorker {
             .name(format!("generate-{model_id}"))
             .spawn(move || {
                 // Built on the first scoring job: generation does not use it.
+                // NOTE: one cached prefix per model, so two tasks that alternate on one model
+                // evict each other's instructions.
                 let mut prefix: Option<PrefixCache> = None;
                 while let Ok(job) = receiver.recv() {
                     thread_queued.fetch_sub(1, Ordering::SeqCst);

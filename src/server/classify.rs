@@ -60,7 +60,7 @@ pub async fn classify(
         ));
     }
     let count = inputs.len();
-    let classification = task.classify(inputs).await.map_err(classify_error)?;
+    let classification = task.clone().classify(inputs).await.map_err(classify_error)?;
     let escalations = classification.results.iter().filter(|r| r.below_threshold).count();
     tracing::info!(
         task = %task.name,
@@ -90,7 +90,9 @@ fn classify_error(error: ClassifyError) -> ApiError {
         ClassifyError::Backend(BackendError::QueueFull(full)) => {
             ApiError::overloaded(format!("{full}; retry later."), 1)
         }
-        ClassifyError::Backend(BackendError::Failed { .. }) => ApiError::internal(error),
+        ClassifyError::Backend(BackendError::Failed { .. }) | ClassifyError::Internal(_) => {
+            ApiError::internal(error)
+        }
     }
 }
 

@@ -77,6 +77,7 @@ impl PromptTemplate {
         let mut env = Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())?;
+        check_variables(&env)?;
         Ok(Self {
             env,
             task,
@@ -95,11 +96,40 @@ impl PromptTemplate {
     }
 }
 
+/// Variables a prompt template can use.
+const VARIABLES: [&str; 4] = ["task", "labels", "examples", "input"];
+
+/// Rejects a template that reads a variable tierd does not provide. Strict mode alone does not
+/// catch every case: a filter such as `join` accepts an undefined value and prints nothing.
+fn check_variables(env: &Environment<'static>) -> Result<(), minijinja::Error> {
+    let template = env.get_template(TEMPLATE_NAME)?;
+    let globals: Vec<&str> = env.globals().map(|(name, _)| name).collect();
+    let mut unknown: Vec<String> = template
+        .undeclared_variables(false)
+        .into_iter()
+        .filter(|name| !VARIABLES.contains(&name.as_str()) && !globals.contains(&name.as_str()))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort();
+    Err(minijinja::Error::new(
+        minijinja::ErrorKind::UndefinedError,
+        format!(
+            "the template uses unknown variable(s) `{}`; the variables are {}",
+            unknown.join("`, `"),
+            VARIABLES.join(", ")
+        ),
+    ))
+}
+
 /// Picks up to `shots` examples per label, interleaved across labels so that no label's
 /// examples all come last, where a small model would copy the most recent label.
 pub fn interleave_examples(per_label: &[(String, Vec<String>)], shots: usize) -> Vec<PromptExample> {
     let mut examples = Vec::new();
-    for round in 0..shots {
+    // Rounds past the longest example list add nothing, and `shots` comes from the config.
+    let rounds = per_label.iter().map(|(_, texts)| texts.len()).max().unwrap_or(0).min(shots);
+    for round in 0..rounds {
         for (label, texts) in per_label {
             if let Some(text) = texts.get(round) {
                 examples.push(PromptExample {
@@ -157,12 +187,35 @@ mod tests {
     }
 
     #[test]
-    fn unknown_variable_is_an_error() {
+    fn unknown_variable_is_rejected_at_load() {
+        for source in ["{{ nope }}", "{{ input }} {{ lables | join(', ') }}"] {
+            let task = PromptTask {
+                name: "t".into(),
+                description: String::new(),
+            };
+            let error = PromptTemplate::new(Some(source), PromptFormat::Plain, task, Vec::new(), Vec::new())
+                .err()
+                .expect("an unknown variable must be rejected");
+            let message = error.to_string();
+            assert!(message.contains("nope") || message.contains("lables"), "{message}");
+        }
+    }
+
+    #[test]
+    fn known_variables_and_globals_are_accepted() {
         let task = PromptTask {
             name: "t".into(),
             description: String::new(),
         };
-        let template = PromptTemplate::new(Some("{{ nope }}"), PromptFormat::Plain, task, Vec::new(), Vec::new()).unwrap();
-        assert!(template.render("x").is_err());
+        let source = "{% for i in range(2) %}{{ i }}{% endfor %}{{ task.name }}{{ labels | length }}{{ examples | length }}{{ input }}";
+        let template = PromptTemplate::new(Some(source), PromptFormat::Plain, task, Vec::new(), Vec::new()).unwrap();
+        assert_eq!(template.render("x").unwrap(), "01t00x");
+    }
+
+    #[test]
+    fn huge_shots_stop_at_longest_list() {
+        let per_label = [("a".to_string(), vec!["1".to_string()]), ("b".to_string(), vec![])];
+        let examples = interleave_examples(&per_label, usize::MAX);
+        assert_eq!(examples.len(), 1);
     }
 }

@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Requests that may wait per model before new ones get 429.
     pub queue_capacity: usize,
+    /// Classification requests that may wait per sentence encoder before new ones get 429.
+    /// Larger than `queue_capacity` because waiting requests are embedded together in one batch.
+    pub encoder_queue_capacity: usize,
     /// `max_tokens` of a request that does not set it.
     pub default_max_tokens: usize,
 }
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             port: 8080,
             max_body_bytes: 4 * 1024 * 1024,
             queue_capacity: 16,
+            encoder_queue_capacity: 256,
             default_max_tokens: 512,
         }
     }
@@ -148,6 +152,7 @@ impl Config {
         for (name, value) in [
             ("server.max_body_bytes", server.max_body_bytes),
             ("server.queue_capacity", server.queue_capacity),
+            ("server.encoder_queue_capacity", server.encoder_queue_capacity),
             ("server.default_max_tokens", server.default_max_tokens),
         ] {
             if value == 0 {
@@ -199,7 +204,9 @@ impl Config {
         let mut tasks = self.tasks.clone();
         if self.builtin_tasks {
             for task in builtin_tasks().map_err(ConfigError::Invalid)? {
-                if !tasks.iter().any(|t| t.name == task.name) {
+                if tasks.iter().any(|t| t.name == task.name) {
+                    tracing::info!(task = %task.name, "a configured task replaces the built-in one of the same name");
+                } else {
                     tasks.push(task);
                 }
             }
@@ -277,7 +284,7 @@ mod tests {
 
     #[test]
     fn zero_limits_are_rejected() {
-        for key in ["max_body_bytes", "queue_capacity", "default_max_tokens"] {
+        for key in ["max_body_bytes", "queue_capacity", "encoder_queue_capacity", "default_max_tokens"] {
             let config = parse(&format!("[server]\n{key} = 0\n[[model]]\nid = \"m\"\npath = \"m.gguf\"\n"));
             let error = config.resolved_models().expect_err("zero limit").to_string();
             assert!(error.contains(key), "{error}");

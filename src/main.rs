@@ -196,6 +196,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%address, models = models.len(), "listening; loading models");
 
     let queue_capacity = config.server.queue_capacity;
+    let encoder_queue_capacity = config.server.encoder_queue_capacity;
     let state = Arc::new(AppState::new(config));
     let loader_state = state.clone();
     tokio::task::spawn_blocking(move || {
@@ -217,7 +218,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let Some(registry) = loader_state.registry.get() else {
             return;
         };
-        match load_tasks(tasks, &encoders, registry, queue_capacity) {
+        match load_tasks(tasks, &encoders, registry, encoder_queue_capacity) {
             Ok(tasks) => {
                 if loader_state.tasks.set(tasks).is_err() {
                     tracing::error!("tasks were loaded twice");

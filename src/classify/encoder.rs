@@ -197,10 +197,42 @@ struct EncodeJob {
     span: tracing::Span,
 }
 
+/// Most inputs gathered from queued jobs into one run of the encoder; a single larger job
+/// still runs whole.
+const MAX_BATCH_INPUTS: usize = 256;
+
+/// Embeds the inputs of all `jobs` in one call and returns each job its share. When the
+/// combined call fails, each job runs alone, so every client gets the error of its own inputs.
+fn run_jobs(encoder: &SentenceEncoder, jobs: Vec<EncodeJob>) {
+    if jobs.len() == 1 {
+        for job in jobs {
+            let _enter = job.span.enter();
+            // The receiver may have gone while the batch ran; nothing is owed to it.
+            let _ = job.reply.send(encoder.embed(&job.inputs));
+        }
+        return;
+    }
+    let combined: Vec<Vec<u32>> = jobs.iter().flat_map(|job| job.inputs.iter().cloned()).collect();
+    tracing::debug!(jobs = jobs.len(), inputs = combined.len(), "embedding queued jobs together");
+    match encoder.embed(&combined) {
+        Ok(embeddings) => {
+            let mut embeddings = embeddings.into_iter();
+            for job in jobs {
+                let share: Vec<Vec<f32>> = embeddings.by_ref().take(job.inputs.len()).collect();
+                let _ = job.reply.send(Ok(share));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, jobs = jobs.len(), "combined encoder batch failed; running jobs one by one");
+            for job in jobs {
+                run_jobs(encoder, vec![job]);
+            }
+        }
+    }
+}
+
 /// A loaded encoder with its own thread and bounded queue, shared by every task that uses it.
-///
-/// NOTE: each job is one request's inputs. Single-input requests that arrive together run one
-/// by one instead of in a shared batch.
+/// Requests that wait while a batch runs are embedded together in the next one.
 pub struct EncoderWorker {
     pub id: String,
     pub encoder: Arc<SentenceEncoder>,
@@ -219,15 +251,27 @@ impl EncoderWorker {
         std::thread::Builder::new()
             .name(format!("encode-{id}"))
             .spawn(move || {
-                while let Ok(job) = receiver.recv() {
-                    thread_queued.fetch_sub(1, Ordering::SeqCst);
-                    let _enter = job.span.enter();
-                    if job.reply.is_closed() {
-                        tracing::info!("client left while queued, skipping");
-                        continue;
+                while let Ok(first) = receiver.recv() {
+                    // Jobs that queued up while the previous batch ran are embedded together.
+                    let mut jobs = vec![first];
+                    let mut inputs = jobs[0].inputs.len();
+                    while inputs < MAX_BATCH_INPUTS {
+                        let Ok(job) = receiver.try_recv() else {
+                            break;
+                        };
+                        inputs += job.inputs.len();
+                        jobs.push(job);
                     }
-                    // The receiver may have gone while the batch ran; nothing is owed to it.
-                    let _ = job.reply.send(thread_encoder.embed(&job.inputs));
+                    thread_queued.fetch_sub(jobs.len(), Ordering::SeqCst);
+                    jobs.retain(|job| {
+                        let open = !job.reply.is_closed();
+                        if !open {
+                            let _enter = job.span.enter();
+                            tracing::info!("client left while queued, skipping");
+                        }
+                        open
+                    });
+                    run_jobs(&thread_encoder, jobs);
                 }
             })?;
         Ok(Self {

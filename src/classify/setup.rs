@@ -30,7 +30,7 @@ pub fn load_tasks(
     tasks: Vec<TaskConfig>,
     encoders: &[EncoderConfig],
     registry: &Registry,
-    queue_capacity: usize,
+    encoder_queue_capacity: usize,
 ) -> Result<TaskSet, SetupError> {
     let mut tasks = tasks;
     for task in tasks.iter_mut().filter(|task| task.builtin) {
@@ -79,7 +79,7 @@ pub fn load_tasks(
                 load_ms = encoder.load_time.as_millis() as u64,
                 "encoder loaded"
             );
-            let worker = EncoderWorker::spawn(id, encoder, queue_capacity).map_err(|e| error(e.to_string()))?;
+            let worker = EncoderWorker::spawn(id, encoder, encoder_queue_capacity).map_err(|e| error(e.to_string()))?;
             loaded_encoders.insert(id.clone(), Arc::new(worker));
         }
     }

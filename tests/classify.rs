@@ -264,6 +264,48 @@ async fn bad_requests_get_clear_errors() {
 }
 
 #[tokio::test]
+async fn invisible_only_input_rejected() {
+    let reply = post(
+        server(),
+        "/v1/classify",
+        &json!({"task": "intent", "input": ["hello", "\u{200b}\u{200d}\u{feff}"]}),
+    )
+    .await;
+    assert_api_error(&reply, StatusCode::BAD_REQUEST, "invalid_request_error", Some("input[1]"), "invisible");
+}
+
+#[tokio::test]
+async fn parallel_requests_all_answered() {
+    let texts = ["book a table for two tonight", "what's my account balance", "play some jazz"];
+    let serial = classify("intent", json!(texts)).await;
+    // More requests than the model queue's capacity of 8: the encoder has its own, larger
+    // queue and embeds waiting requests together.
+    let requests = (0..24).map(|_| classify("intent", json!(texts)));
+    for response in futures::future::join_all(requests).await {
+        assert_eq!(labels(&response), labels(&serial));
+        for (a, b) in response["results"].as_array().expect("results").iter().zip(serial["results"].as_array().expect("results")) {
+            let difference = (a["confidence"].as_f64().expect("confidence") - b["confidence"].as_f64().expect("confidence")).abs();
+            // A different batch changes the padding, which moves embeddings by float rounding.
+            assert!(difference < 1e-5, "{a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn empty_label_text_fails_start() {
+    let config = format!(
+        "builtin_tasks = false\n{}\n[[task]]\nname = \"t\"\n[[task.label]]\nname = \"a\"\n\
+         [[task.label]]\nname = \"b\"\ntext = \"\"\n[[task.backend]]\nkind = \"llm_labels\"\nmodel = \"{SMOLLM}\"\n",
+        model_table(SMOLLM, None)
+    );
+    let message = match Server::try_start("empty-label-text", &config) {
+        Ok(_) => panic!("the server started with an empty label text"),
+        Err(message) => message,
+    };
+    assert!(message.contains("label `b` has no tokens"), "{message}");
+}
+
+#[tokio::test]
 async fn tasks_are_listed() {
     let reply = get(server(), "/v1/tasks").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);

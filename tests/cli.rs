@@ -82,6 +82,7 @@ fn train_rejects_unknown_label() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("neutral"), "{stderr}");
+    assert!(stderr.contains("bad.jsonl:2"), "the error does not name the file and line: {stderr}");
     assert!(!out.exists(), "a head was written despite the error");
 }
 

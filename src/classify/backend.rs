@@ -57,6 +57,8 @@ pub struct PreparedInput {
 pub enum PrepareError {
     #[error("input has {tokens} tokens, more than the limit of {limit}")]
     TooLong { tokens: usize, limit: usize },
+    #[error("input has no tokens")]
+    NoTokens,
     #[error("{0}")]
     Failed(String),
 }
@@ -97,6 +99,9 @@ impl Backend {
                     .map_err(|e| PrepareError::Failed(e.to_string()))?;
                 // The count excludes the [CLS] and [SEP] markers.
                 let input_tokens = tokens.len().saturating_sub(2);
+                if input_tokens == 0 {
+                    return Err(PrepareError::NoTokens);
+                }
                 let limit = limit.min(encoder.max_tokens - 2);
                 let truncated = input_tokens > limit;
                 if truncated {
@@ -195,6 +200,9 @@ impl LlmRunner {
         let model = &self.model;
         let input = model.encode(text, false).map_err(failed)?;
         let input_tokens = input.len();
+        if input_tokens == 0 {
+            return Err(PrepareError::NoTokens);
+        }
         let truncated = input_tokens > limit;
         let text = if truncated {
             if overflow == Overflow::Reject {

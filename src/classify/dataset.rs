@@ -8,6 +8,20 @@ use serde::Deserialize;
 pub struct Example {
     pub text: String,
     pub label: String,
+    /// `file:line` the example was read from, for error messages.
+    #[serde(skip)]
+    pub origin: Option<String>,
+}
+
+impl Example {
+    /// Describes where the example came from: `file:line`, or its index when it was not read
+    /// from a file.
+    pub fn describe(&self, index: usize) -> String {
+        match &self.origin {
+            Some(origin) => origin.clone(),
+            None => format!("example {index}"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +52,12 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>, DatasetError> {
         if line.trim().is_empty() {
             continue;
         }
-        let example: Example = serde_json::from_str(line).map_err(|e| DatasetError::Line {
+        let mut example: Example = serde_json::from_str(line).map_err(|e| DatasetError::Line {
             path: path.to_path_buf(),
             line: index + 1,
             message: e.to_string(),
         })?;
+        example.origin = Some(format!("{}:{}", path.display(), index + 1));
         examples.push(example);
     }
     if examples.is_empty() {

@@ -7,9 +7,9 @@ use super::train::{train, TrainOptions, TrainReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FitError {
-    #[error("example {index} has label `{label}`, which is not one of the task's labels ({known})")]
+    #[error("{origin}: label `{label}` is not one of the task's labels ({known})")]
     UnknownLabel {
-        index: usize,
+        origin: String,
         label: String,
         known: String,
     },
@@ -37,7 +37,7 @@ pub fn fit_head(
             .iter()
             .position(|label| *label == example.label)
             .ok_or_else(|| FitError::UnknownLabel {
-                index,
+                origin: example.describe(index),
                 label: example.label.clone(),
                 known: labels.join(", "),
             })?;

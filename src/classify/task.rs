@@ -13,7 +13,7 @@ use super::dataset;
 use super::encoder::EncoderWorker;
 use super::fit::fit_head;
 use super::head::Head;
-use super::label_scoring::LabelSet;
+use super::label_scoring::{LabelSet, LabelSetError};
 use super::prompt::{interleave_examples, PromptLabel, PromptTask, PromptTemplate};
 use super::task_config::{BackendConfig, LabelConfig, Overflow, PromptFormat, TaskConfig};
 use super::train::TrainOptions;
@@ -55,6 +55,8 @@ pub enum ClassifyError {
     NoInput,
     #[error("input {index} is empty or whitespace only")]
     EmptyInput { index: usize },
+    #[error("input {index} contains nothing the {backend} backend can read (only invisible, control or combining characters)")]
+    NoTokens { index: usize, backend: &'static str },
     #[error("input {index} has {tokens} tokens, more than task `{task}` accepts ({limit}); shorten it or configure the task with on_overflow = \"truncate\"")]
     TooLong {
         index: usize,
@@ -216,6 +218,12 @@ impl Task {
                             task: self.name.clone(),
                             tokens,
                             limit,
+                        })
+                    }
+                    Err(PrepareError::NoTokens) => {
+                        return Err(ClassifyError::NoTokens {
+                            index,
+                            backend: backend.kind,
                         })
                     }
                     Err(PrepareError::Failed(message)) => {
@@ -458,11 +466,14 @@ fn load_backend(
                     .ok_or_else(|| format!("model `{model}` encodes a newline as no tokens"))?,
             };
             let label_set = LabelSet::new(sequences, end_token).map_err(|e| match e {
-                super::label_scoring::LabelSetError::Duplicate { first, second } => format!(
+                LabelSetError::Duplicate { first, second } => format!(
                     "labels `{}` and `{}` have the same tokens for model `{model}`; set a distinct `text`",
                     names[first], names[second]
                 ),
-                other => other.to_string(),
+                LabelSetError::Empty { index } => format!(
+                    "label `{}` has no tokens for model `{model}`; set a non-empty `text`",
+                    names[index]
+                ),
             })?;
             Runner::Llm(LlmRunner {
                 model: served,
@@ -508,6 +519,7 @@ fn load_or_fit_head(
                 label.examples.iter().map(|text| dataset::Example {
                     text: text.clone(),
                     label: label.name.clone(),
+                    origin: None,
                 })
             })
             .collect()

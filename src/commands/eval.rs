@@ -74,7 +74,8 @@ pub fn run(config: &Config, args: &EvalArgs) -> anyhow::Result<()> {
     for (index, example) in examples.iter().enumerate() {
         let truth = names.iter().position(|n| *n == example.label).with_context(|| {
             format!(
-                "example {index} has label `{}`, which task `{}` does not have ({})",
+                "{}: label `{}` is not one of task `{}`'s labels ({})",
+                example.describe(index),
                 example.label,
                 task.name,
                 names.join(", ")

@@ -81,7 +81,9 @@ pub async fn classify(
 fn classify_error(error: ClassifyError) -> ApiError {
     match &error {
         ClassifyError::NoInput => ApiError::invalid_request(format!("{error}."), Some("input")),
-        ClassifyError::EmptyInput { index } | ClassifyError::TooLong { index, .. } => {
+        ClassifyError::EmptyInput { index }
+        | ClassifyError::NoTokens { index, .. }
+        | ClassifyError::TooLong { index, .. } => {
             ApiError::invalid_request(format!("{error}."), Some(&format!("input[{index}]")))
         }
         ClassifyError::Prepare { index, .. } => {

@@ -11,3 +11,4 @@ pub mod server;
 pub mod kernels;
 pub mod classify;
 pub mod commands;
+pub mod routing;

@@ -1,0 +1,3 @@
+//! Routing requests between the local tier and remote providers.
+
+pub mod pii;

@@ -12,3 +12,4 @@ pub mod kernels;
 pub mod classify;
 pub mod commands;
 pub mod routing;
+pub mod providers;

@@ -1,3 +1,4 @@
 //! Routing requests between the local tier and remote providers.
 
 pub mod pii;
+pub mod resilience;

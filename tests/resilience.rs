@@ -5,7 +5,7 @@
 #[allow(dead_code)]
 mod mock_provider;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -15,35 +15,12 @@ use tierd::providers::{
     TimeoutPhase,
 };
 use tierd::routing::resilience::{
-    BreakerConfig, BreakerState, ChainEntry, ChainError, Clock, FailureReason, HealthRegistry,
-    Jitter, ResilienceConfig, Resilient, RetryBudgetConfig, RetryPolicy,
+    BreakerConfig, BreakerState, ChainEntry, ChainError, FailureReason, HealthRegistry,
+    Jitter, ManualClock, ResilienceConfig, Resilient, RetryBudgetConfig, RetryPolicy,
 };
 
 const MODEL: &str = "frontier";
 
-/// A clock that advances only when a test calls `advance`, so breaker cooldowns need no waiting.
-#[derive(Debug)]
-struct ManualClock {
-    now: Mutex<Instant>,
-}
-
-impl ManualClock {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            now: Mutex::new(Instant::now()),
-        })
-    }
-
-    fn advance(&self, by: Duration) {
-        *self.now.lock().expect("clock lock") += by;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Instant {
-        *self.now.lock().expect("clock lock")
-    }
-}
 
 /// Builds an OpenAI-kind provider named `name` on `mock`, without a key, with `timeouts` as the
 /// body of a `[timeouts]` table.

@@ -777,33 +777,35 @@ impl Resilient {
     }
 }
 
+/// A clock that moves only when [`ManualClock::advance`] is called, so tests of breaker
+/// cooldowns need no waiting.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: Mutex<Instant>,
+}
+
+impl ManualClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            now: Mutex::new(Instant::now()),
+        })
+    }
+
+    pub fn advance(&self, by: Duration) {
+        *lock(&self.now) += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        *lock(&self.now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A clock that advances only when a test calls `advance`.
-    #[derive(Debug)]
-    struct ManualClock {
-        now: Mutex<Instant>,
-    }
-
-    impl ManualClock {
-        fn new() -> Arc<Self> {
-            Arc::new(Self {
-                now: Mutex::new(Instant::now()),
-            })
-        }
-
-        fn advance(&self, by: Duration) {
-            *lock(&self.now) += by;
-        }
-    }
-
-    impl Clock for ManualClock {
-        fn now(&self) -> Instant {
-            *lock(&self.now)
-        }
-    }
 
     fn status_error(code: u16, retry_after: Option<Duration>) -> ProviderError {
         ProviderError::Status {

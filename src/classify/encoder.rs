@@ -31,6 +31,8 @@ pub enum EncoderError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("invalid encoder config {path}: {message}")]
+    InvalidConfig { path: PathBuf, message: String },
     #[error("failed to load tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
     #[error("failed to load encoder weights {path}: {source}")]
@@ -77,10 +79,11 @@ impl SentenceEncoder {
             })?;
         let dim = settings["hidden_size"].as_u64().unwrap_or(0) as usize;
         let max_tokens = settings["max_position_embeddings"].as_u64().unwrap_or(0) as usize;
-        if dim == 0 || max_tokens == 0 {
-            return Err(EncoderError::Tokenizer {
+        // Three positions hold [CLS], one token and [SEP].
+        if dim == 0 || max_tokens < 3 {
+            return Err(EncoderError::InvalidConfig {
                 path: config_path,
-                message: "`hidden_size` and `max_position_embeddings` must be positive integers".into(),
+                message: "`hidden_size` must be a positive integer and `max_position_embeddings` at least 3".into(),
             });
         }
 

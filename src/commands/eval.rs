@@ -88,6 +88,7 @@ pub fn run(config: &Config, args: &EvalArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = Instant::now();
     let mut predictions = Vec::with_capacity(examples.len());
     let mut answered_by: Vec<(String, String, usize)> = Vec::new();
@@ -112,14 +113,22 @@ pub fn run(config: &Config, args: &EvalArgs) -> anyhow::Result<()> {
                 None => answered_by.push((result.backend.to_string(), result.model.clone(), 1)),
             }
         }
-        eprint!(
-            "\r{} / {} examples, {:.1} s",
-            (batch_index * BATCH + batch.len()),
+        let progress = format!(
+            "{} / {} examples, {:.1} s",
+            batch_index * BATCH + batch.len(),
             examples.len(),
             started.elapsed().as_secs_f64()
         );
+        // A terminal shows one line that updates in place; a log file gets one line a batch.
+        if terminal {
+            eprint!("\r{progress}");
+        } else {
+            eprintln!("{progress}");
+        }
     }
-    eprintln!();
+    if terminal {
+        eprintln!();
+    }
     let seconds = started.elapsed().as_secs_f64();
 
     let thresholds: Vec<f64> = [0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99].to_vec();

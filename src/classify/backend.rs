@@ -24,7 +24,8 @@ pub struct Backend {
 
 pub(super) enum Runner {
     Head(HeadRunner),
-    Llm(LlmRunner),
+    // Boxed because the prompt template's environment makes this variant much larger.
+    Llm(Box<LlmRunner>),
 }
 
 pub(super) struct HeadRunner {

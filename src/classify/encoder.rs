@@ -194,9 +194,12 @@ impl SentenceEncoder {
     }
 }
 
+/// The embeddings of one job's inputs, in order, or why they could not be computed.
+type EmbedResult = Result<Vec<Vec<f32>>, EncoderError>;
+
 struct EncodeJob {
     inputs: Vec<Vec<u32>>,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EncoderError>>,
+    reply: oneshot::Sender<EmbedResult>,
     span: tracing::Span,
 }
 
@@ -290,7 +293,7 @@ impl EncoderWorker {
     pub fn submit(
         &self,
         inputs: Vec<Vec<u32>>,
-    ) -> Result<oneshot::Receiver<Result<Vec<Vec<f32>>, EncoderError>>, QueueFull> {
+    ) -> Result<oneshot::Receiver<EmbedResult>, QueueFull> {
         let (reply, receiver) = oneshot::channel();
         let job = EncodeJob {
             inputs,

@@ -475,14 +475,14 @@ fn load_backend(
                     names[index]
                 ),
             })?;
-            Runner::Llm(LlmRunner {
+            Runner::Llm(Box::new(LlmRunner {
                 model: served,
                 template,
                 format: *format,
                 system: system.clone(),
                 labels: Arc::new(label_set),
                 temperature: *temperature,
-            })
+            }))
         }
     };
     Ok(Backend {

@@ -17,7 +17,7 @@ pub struct Backend {
     pub kind: &'static str,
     /// Encoder or model id.
     pub model: String,
-    /// Confidence at which this backend's answer is kept instead of trying the next backend.
+    /// Confidence at which this backend's result is kept instead of trying the next backend.
     pub accept: Option<f64>,
     pub(super) runner: Runner,
 }
@@ -64,7 +64,7 @@ pub enum PrepareError {
     Failed(String),
 }
 
-/// A backend's answer for one input.
+/// A backend's result for one input.
 #[derive(Debug, Clone)]
 pub struct BackendOutput {
     /// Probability of each task label, in task label order.
@@ -157,7 +157,7 @@ impl Backend {
                 let receiver = runner
                     .model
                     .worker
-                    .submit_scoring(&runner.model.id, tokens, runner.labels.clone())
+                    .submit_scoring(tokens, runner.labels.clone())
                     .map_err(BackendError::QueueFull)?;
                 let scores = receiver
                     .await

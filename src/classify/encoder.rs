@@ -2,8 +2,6 @@
 //! the sentence embedding (the all-MiniLM-L6-v2 recipe).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +11,7 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use tokenizers::Tokenizer;
 use tokio::sync::oneshot;
 
+use crate::engine::queue::{job_queue, JobQueue};
 use crate::engine::QueueFull;
 
 /// Sequences run through the encoder in one padded batch. Inputs are sorted by length first,
@@ -210,6 +209,9 @@ const MAX_BATCH_INPUTS: usize = 256;
 /// Embeds the inputs of all `jobs` in one call and returns each job its share. When the
 /// combined call fails, each job runs alone, so every client gets the error of its own inputs.
 fn run_jobs(encoder: &SentenceEncoder, jobs: Vec<EncodeJob>) {
+    if jobs.is_empty() {
+        return;
+    }
     if jobs.len() == 1 {
         for job in jobs {
             let _enter = job.span.enter();
@@ -242,18 +244,14 @@ fn run_jobs(encoder: &SentenceEncoder, jobs: Vec<EncodeJob>) {
 pub struct EncoderWorker {
     pub id: String,
     pub encoder: Arc<SentenceEncoder>,
-    sender: SyncSender<EncodeJob>,
-    queued: Arc<AtomicUsize>,
-    capacity: usize,
+    queue: JobQueue<EncodeJob>,
 }
 
 impl EncoderWorker {
     pub fn spawn(id: &str, encoder: SentenceEncoder, capacity: usize) -> std::io::Result<Self> {
         let encoder = Arc::new(encoder);
-        let (sender, receiver) = sync_channel::<EncodeJob>(capacity);
-        let queued = Arc::new(AtomicUsize::new(0));
+        let (queue, receiver) = job_queue::<EncodeJob>(id, capacity);
         let thread_encoder = encoder.clone();
-        let thread_queued = queued.clone();
         std::thread::Builder::new()
             .name(format!("encode-{id}"))
             .spawn(move || {
@@ -262,13 +260,12 @@ impl EncoderWorker {
                     let mut jobs = vec![first];
                     let mut inputs = jobs[0].inputs.len();
                     while inputs < MAX_BATCH_INPUTS {
-                        let Ok(job) = receiver.try_recv() else {
+                        let Some(job) = receiver.try_recv() else {
                             break;
                         };
                         inputs += job.inputs.len();
                         jobs.push(job);
                     }
-                    thread_queued.fetch_sub(jobs.len(), Ordering::SeqCst);
                     jobs.retain(|job| {
                         let open = !job.reply.is_closed();
                         if !open {
@@ -283,9 +280,7 @@ impl EncoderWorker {
         Ok(Self {
             id: id.to_string(),
             encoder,
-            sender,
-            queued,
-            capacity,
+            queue,
         })
     }
 
@@ -300,17 +295,8 @@ impl EncoderWorker {
             reply,
             span: tracing::Span::current(),
         };
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        match self.sender.try_send(job) {
-            Ok(()) => Ok(receiver),
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                Err(QueueFull {
-                    model: self.id.clone(),
-                    capacity: self.capacity,
-                })
-            }
-        }
+        self.queue.push(job)?;
+        Ok(receiver)
     }
 
     /// Embeds `inputs` on the encoder thread and waits for the result.

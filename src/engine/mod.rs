@@ -5,9 +5,11 @@ pub mod chat_template;
 pub mod generate;
 pub mod sampler;
 pub mod stop;
+pub mod queue;
 pub mod worker;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use generate::{FinishReason, GenerationEvent, GenerationRequest, TokenLogprob};
 pub use sampler::SamplingParams;
-pub use worker::{ModelWorker, QueueFull};
+pub use queue::QueueFull;
+pub use worker::ModelWorker;

@@ -3,14 +3,13 @@
 //! Candle's CPU kernels parallelise each matmul over all cores, so running one sequence at a
 //! time per model uses the machine fully while keeping outputs of concurrent requests separate.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::generate::{generate, GenerationEvent, GenerationRequest};
+use super::queue::{job_queue, JobQueue, QueueFull};
 use crate::classify::label_scoring::{score_prompt, LabelSet, PrefixCache, PromptScores};
 use crate::model::LoadedModel;
 
@@ -31,16 +30,7 @@ enum Job {
 
 /// Handle to a model's generation thread.
 pub struct ModelWorker {
-    sender: SyncSender<Job>,
-    queued: Arc<AtomicUsize>,
-    capacity: usize,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("The queue of model `{model}` is full ({capacity} requests waiting)")]
-pub struct QueueFull {
-    pub model: String,
-    pub capacity: usize,
+    queue: JobQueue<Job>,
 }
 
 /// Events buffered between the generation thread and the HTTP response.
@@ -48,9 +38,7 @@ const EVENT_BUFFER: usize = 64;
 
 impl ModelWorker {
     pub fn spawn(model_id: &str, model: Arc<LoadedModel>, capacity: usize) -> std::io::Result<Self> {
-        let (sender, receiver) = sync_channel::<Job>(capacity);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let thread_queued = queued.clone();
+        let (queue, receiver) = job_queue::<Job>(model_id, capacity);
         std::thread::Builder::new()
             .name(format!("generate-{model_id}"))
             .spawn(move || {
@@ -59,7 +47,6 @@ impl ModelWorker {
                 // evict each other's instructions.
                 let mut prefix: Option<PrefixCache> = None;
                 while let Ok(job) = receiver.recv() {
-                    thread_queued.fetch_sub(1, Ordering::SeqCst);
                     match job {
                         Job::Generate {
                             request,
@@ -116,18 +103,13 @@ impl ModelWorker {
                     }
                 }
             })?;
-        Ok(Self {
-            sender,
-            queued,
-            capacity,
-        })
+        Ok(Self { queue })
     }
 
     /// Queues `request`; returns the stream of its events, or [`QueueFull`] at once when the
     /// queue is at capacity.
     pub fn submit(
         &self,
-        model_id: &str,
         request: GenerationRequest,
     ) -> Result<mpsc::Receiver<GenerationEvent>, QueueFull> {
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
@@ -137,7 +119,7 @@ impl ModelWorker {
             enqueued: Instant::now(),
             span: tracing::Span::current(),
         };
-        self.enqueue(model_id, job)?;
+        self.queue.push(job)?;
         Ok(receiver)
     }
 
@@ -146,7 +128,6 @@ impl ModelWorker {
     /// current prompt.
     pub fn submit_scoring(
         &self,
-        model_id: &str,
         prompts: Vec<Vec<u32>>,
         labels: Arc<LabelSet>,
     ) -> Result<oneshot::Receiver<Result<Vec<PromptScores>, String>>, QueueFull> {
@@ -157,26 +138,12 @@ impl ModelWorker {
             reply,
             span: tracing::Span::current(),
         };
-        self.enqueue(model_id, job)?;
+        self.queue.push(job)?;
         Ok(receiver)
-    }
-
-    fn enqueue(&self, model_id: &str, job: Job) -> Result<(), QueueFull> {
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        match self.sender.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                Err(QueueFull {
-                    model: model_id.to_string(),
-                    capacity: self.capacity,
-                })
-            }
-        }
     }
 
     /// Requests waiting for the generation thread, not counting the one it runs.
     pub fn queue_depth(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
+        self.queue.depth()
     }
 }

@@ -146,7 +146,7 @@ pub fn submit(served: &Arc<ServedModel>, request: GenerationRequest) -> Result<S
     let request_id = request.request_id.clone();
     let events = served
         .worker
-        .submit(&served.id, request)
+        .submit(request)
         .map_err(|full| ApiError::overloaded(format!("{full}; retry later."), 1))?;
     Ok(Submitted {
         events,

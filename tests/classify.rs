@@ -21,8 +21,8 @@ extern "C" fn kill_server() {
 }
 
 /// Tasks added to the built-in ones. `gemma_sentiment` scores labels with the base model in
-/// plain format; `strict` rejects inputs over 8 tokens; `chained` runs a head trained on its
-/// label examples and passes unsure inputs to smollm2.
+/// plain format, and `strict` rejects inputs over 8 tokens. `chained` runs a head trained on
+/// its label examples and passes unsure inputs to smollm2.
 const TASKS: &str = r#"
 [[task]]
 name = "gemma_sentiment"

@@ -6,9 +6,9 @@ use std::path::Path;
 use tierd::classify::label_scoring::{score_prompt, LabelSet, PrefixCache};
 use tierd::model::{LanguageModel, LoadedModel};
 
-/// Scoring runs the label tokens in one batch after the prompt while the direct computation
-/// runs each prefix from scratch, so attention sums in a different order; the log-probability
-/// gap stays well below this.
+/// Scoring runs the label tokens in one batch after the prompt, while the direct computation
+/// runs each prefix from scratch. Attention therefore sums in a different order, and the
+/// log-probability gap stays well below this.
 const TOLERANCE: f64 = 2e-3;
 
 fn smollm() -> LoadedModel {

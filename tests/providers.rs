@@ -7,10 +7,10 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use mock_provider::{Answer, MockProvider, Script};
+use mock_provider::{drain, Answer, MockProvider, Script};
 use serde_json::json;
 use tierd::providers::{
-    ChatMessage, ChatRequest, ChatStream, Provider, ProviderConfig, ProviderError, StreamEvent,
+    ChatMessage, ChatRequest, Provider, ProviderConfig, ProviderError, StreamEvent,
     TimeoutPhase, Usage,
 };
 
@@ -68,21 +68,6 @@ fn message(role: &str, content: &str) -> ChatMessage {
 
 fn simple_request() -> ChatRequest {
     ChatRequest::new(vec![message("user", "Say hello.")])
-}
-
-/// Collects a stream's items: the events, then the error that ended it, if any.
-async fn drain(mut stream: ChatStream) -> (Vec<StreamEvent>, Option<ProviderError>) {
-    let mut events = Vec::new();
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(event) => events.push(event),
-            Err(error) => {
-                assert!(stream.next().await.is_none(), "an item followed the error {error:?}");
-                return (events, Some(error));
-            }
-        }
-    }
-    (events, None)
 }
 
 fn delta(text: &str) -> StreamEvent {

@@ -8,10 +8,9 @@ mod mock_provider;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use mock_provider::{MockProvider, Script};
+use mock_provider::{drain, MockProvider, Script};
 use tierd::providers::{
-    ChatMessage, ChatRequest, ChatStream, Provider, ProviderConfig, ProviderError, StreamEvent,
+    ChatMessage, ChatRequest, Provider, ProviderConfig, ProviderError, StreamEvent,
     TimeoutPhase,
 };
 use tierd::routing::resilience::{
@@ -77,21 +76,6 @@ fn status(status: u16, retry_after: Option<&str>) -> Script {
         body: format!(r#"{{"error":{{"message":"scripted {status}"}}}}"#),
         retry_after: retry_after.map(str::to_string),
     }
-}
-
-/// Collects a stream's items: the events, then the error that ended it, if any.
-async fn drain(mut stream: ChatStream) -> (Vec<StreamEvent>, Option<ProviderError>) {
-    let mut events = Vec::new();
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(event) => events.push(event),
-            Err(error) => {
-                assert!(stream.next().await.is_none(), "an item followed the error {error:?}");
-                return (events, Some(error));
-            }
-        }
-    }
-    (events, None)
 }
 
 #[tokio::test]

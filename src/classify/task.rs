@@ -76,7 +76,7 @@ pub enum ClassifyError {
     Internal(String),
 }
 
-/// One backend's answer for one input, kept in the result so a client sees the whole chain.
+/// One backend's result for one input, listed so a client sees the whole chain.
 #[derive(Debug, Clone, Serialize)]
 pub struct Attempt {
     pub backend: &'static str,
@@ -93,14 +93,15 @@ pub struct ClassifyResult {
     pub confidence: f64,
     /// Probability of every label.
     pub scores: HashMap<String, f64>,
-    /// Backend and model whose answer this is.
+    /// Backend and model that produced this result.
     pub backend: &'static str,
     pub model: String,
     /// True when the confidence is below the task threshold.
     pub below_threshold: bool,
     /// True when the input was cut to the task's `max_input_tokens`.
     pub truncated: bool,
-    /// Tokens of the input as the answering backend counts them, before truncation.
+    /// Tokens of the input in the tokenizer of the backend that produced the result, before
+    /// truncation.
     pub input_tokens: usize,
     pub timings: ResultTimings,
 }

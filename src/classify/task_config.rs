@@ -17,10 +17,10 @@ pub struct TaskConfig {
     pub name: String,
     #[serde(default)]
     pub description: Option<String>,
-    /// Confidence below which an answer counts as unsure and is marked for escalation.
+    /// Confidence below which a result counts as unsure and is marked for escalation.
     #[serde(default = "default_threshold")]
     pub threshold: f64,
-    /// Longest input accepted, in tokens of each backend's tokenizer.
+    /// Maximum input length, in tokens of each backend's tokenizer.
     #[serde(default = "default_max_input_tokens")]
     pub max_input_tokens: usize,
     #[serde(default)]
@@ -29,7 +29,7 @@ pub struct TaskConfig {
     #[serde(default, rename = "label")]
     pub labels: Vec<LabelConfig>,
     /// Backends tried in order: an input moves to the next backend while the current one's
-    /// confidence is below its `accept` level, and the last backend always answers.
+    /// confidence is below its `accept` level, and the last backend's result is always kept.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
     /// Set on the built-in tasks, which are left out rather than failing the start when a
@@ -44,7 +44,7 @@ pub enum Overflow {
     /// Inputs over `max_input_tokens` get a 400 error.
     #[default]
     Reject,
-    /// Inputs are cut to `max_input_tokens`, and the result says so.
+    /// Inputs are cut to `max_input_tokens`, and the result reports it.
     Truncate,
 }
 

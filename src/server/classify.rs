@@ -83,10 +83,8 @@ fn classify_error(error: ClassifyError) -> ApiError {
         ClassifyError::NoInput => ApiError::invalid_request(format!("{error}."), Some("input")),
         ClassifyError::EmptyInput { index }
         | ClassifyError::NoTokens { index, .. }
-        | ClassifyError::TooLong { index, .. } => {
-            ApiError::invalid_request(format!("{error}."), Some(&format!("input[{index}]")))
-        }
-        ClassifyError::Prepare { index, .. } => {
+        | ClassifyError::TooLong { index, .. }
+        | ClassifyError::Prepare { index, .. } => {
             ApiError::invalid_request(format!("{error}."), Some(&format!("input[{index}]")))
         }
         ClassifyError::Backend(BackendError::QueueFull(full)) => {

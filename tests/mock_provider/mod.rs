@@ -16,7 +16,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
+use futures::StreamExt;
 use serde_json::{json, Value};
+use tierd::providers::{ChatStream, ProviderError, StreamEvent};
 
 /// Pause between body chunks, so that each chunk reaches the client as its own read.
 const CHUNK_PAUSE: Duration = Duration::from_millis(5);
@@ -466,4 +468,19 @@ fn sse_response(state: Arc<MockState>, plan: StreamPlan) -> Response {
         .header("cache-control", "no-cache")
         .body(Body::from_stream(body))
         .expect("valid mock response")
+}
+
+/// Collects a stream's items: the events, then the error that ended it, if any.
+pub async fn drain(mut stream: ChatStream) -> (Vec<StreamEvent>, Option<ProviderError>) {
+    let mut events = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => events.push(event),
+            Err(error) => {
+                assert!(stream.next().await.is_none(), "an item followed the error {error:?}");
+                return (events, Some(error));
+            }
+        }
+    }
+    (events, None)
 }

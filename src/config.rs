@@ -8,6 +8,9 @@ use serde::Deserialize;
 use crate::classify::task_config::builtin_tasks;
 use crate::classify::TaskConfig;
 use crate::manifest::{Manifest, ManifestError, ModelSource};
+use crate::providers::{validate_providers, ProviderConfig};
+use crate::routing::config::{ResilienceSettings, RouteConfig};
+use crate::routing::resilience::ResilienceConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +33,15 @@ pub struct Config {
     /// task of the same name replaces the built-in one.
     #[serde(default = "default_true")]
     pub builtin_tasks: bool,
+    /// Remote APIs that requests escalate to.
+    #[serde(default, rename = "provider")]
+    pub providers: Vec<ProviderConfig>,
+    /// Retries, retry budget and circuit breaker of every provider.
+    #[serde(default)]
+    pub resilience: ResilienceSettings,
+    /// Model names such as `auto` whose chat requests are routed between tiers.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
 }
 
 fn default_true() -> bool {
@@ -124,6 +136,9 @@ impl Default for Config {
             encoders: Vec::new(),
             tasks: Vec::new(),
             builtin_tasks: true,
+            providers: Vec::new(),
+            resilience: ResilienceSettings::default(),
+            routes: Vec::new(),
         }
     }
 }
@@ -220,6 +235,48 @@ impl Config {
             task.resolve_paths(&self.models_dir);
         }
         Ok(tasks)
+    }
+
+    /// Checks the providers, the resilience settings, the routes against `models` (the served
+    /// model ids) and the escalation of `tasks`, and returns the resilience settings.
+    pub fn validate_routing(&self, models: &[ModelConfig], tasks: &[TaskConfig]) -> Result<ResilienceConfig, ConfigError> {
+        validate_providers(&self.providers).map_err(ConfigError::Invalid)?;
+        let resilience = self.resilience.to_config().map_err(ConfigError::Invalid)?;
+        let mut seen = std::collections::HashSet::new();
+        for route in &self.routes {
+            route.validate(&self.providers).map_err(ConfigError::Invalid)?;
+            if !seen.insert(route.name.as_str()) {
+                return Err(ConfigError::Invalid(format!("route `{}` is listed twice", route.name)));
+            }
+            if models.iter().any(|model| model.id == route.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "route `{}` has the name of a served model; rename one",
+                    route.name
+                )));
+            }
+            if !models.iter().any(|model| model.id == route.local) {
+                return Err(ConfigError::Invalid(format!(
+                    "route `{}`: `local` names `{}`, which is not a served model",
+                    route.name, route.local
+                )));
+            }
+            if route.mode == crate::routing::config::RouteMode::PreRoute
+                && !tasks.iter().any(|task| task.name == route.route_task)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "route `{}`: `route_task` names `{}`, which is not a task",
+                    route.name, route.route_task
+                )));
+            }
+        }
+        for task in tasks {
+            if let Some(escalate) = &task.escalate {
+                escalate
+                    .validate(&task.name, &self.providers)
+                    .map_err(ConfigError::Invalid)?;
+            }
+        }
+        Ok(resilience)
     }
 
     /// Returns the encoders that tasks may use: the configured ones, or the manifest's.

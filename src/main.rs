@@ -10,6 +10,8 @@ use tierd::classify::setup::load_tasks;
 use tierd::commands::{self, eval::EvalArgs, train::TrainArgs};
 use tierd::config::Config;
 use tierd::registry::{self, Registry, ServedModel};
+use tierd::routing::route::Route;
+use tierd::routing::upstreams::Upstreams;
 use tierd::server::{self, AppState};
 use tracing_subscriber::EnvFilter;
 
@@ -179,6 +181,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let models = config.resolved_models()?;
     let tasks = config.resolved_tasks()?;
     let encoders = config.resolved_encoders()?;
+    let resilience = config.validate_routing(&models, &tasks)?;
+    let upstreams = Upstreams::new(&config.providers, resilience)?;
+    let routes = config
+        .routes
+        .iter()
+        .map(|route| Route::new(route.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
     // Fail before binding when a local file is missing, rather than after a partial load.
     for model in &models {
         registry::local_path(model)?;
@@ -197,7 +207,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let queue_capacity = config.server.queue_capacity;
     let encoder_queue_capacity = config.server.encoder_queue_capacity;
-    let state = Arc::new(AppState::new(config));
+    let state = Arc::new(AppState::new(config, upstreams, routes));
     let loader_state = state.clone();
     tokio::task::spawn_blocking(move || {
         let mut served = Vec::with_capacity(models.len());

@@ -32,6 +32,9 @@ pub struct TaskConfig {
     /// confidence is below its `accept` level, and the last backend's result is always kept.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// Remote models asked to pick the label of a result below `threshold`.
+    #[serde(default)]
+    pub escalate: Option<crate::routing::config::EscalationConfig>,
     /// Set on the built-in tasks, which are left out rather than failing the start when a
     /// model or file they use is missing.
     #[serde(skip)]

@@ -13,6 +13,7 @@ mod models;
 pub mod openai;
 mod params;
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +32,8 @@ use crate::config::Config;
 use crate::engine::generate::Timings;
 use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
 use crate::registry::{Registry, ServedModel};
+use crate::routing::route::Route;
+use crate::routing::upstreams::Upstreams;
 use error::ApiError;
 use json::BodyLimit;
 use openai::Usage;
@@ -39,6 +42,10 @@ pub const SYSTEM_FINGERPRINT: &str = concat!("tierd-", env!("CARGO_PKG_VERSION")
 
 pub struct AppState {
     pub config: Config,
+    /// Remote providers that requests escalate to; empty when none is configured.
+    pub upstreams: Upstreams,
+    /// Routes by the model name clients request.
+    pub routes: HashMap<String, Route>,
     /// Set once every model has loaded. Until then the generation routes return 503.
     pub registry: OnceLock<Registry>,
     /// Set once the tasks' encoders and heads have loaded, after the models.
@@ -46,9 +53,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: Config, upstreams: Upstreams, routes: Vec<Route>) -> Self {
         Self {
             config,
+            upstreams,
+            routes: routes.into_iter().map(|route| (route.name().to_string(), route)).collect(),
             registry: OnceLock::new(),
             tasks: OnceLock::new(),
         }

@@ -279,6 +279,19 @@ impl Config {
         Ok(resilience)
     }
 
+    /// Returns the encoders that `tasks` need: none when no task runs an embedding head, so a
+    /// server without such tasks starts without the manifest.
+    pub fn encoders_for(&self, tasks: &[TaskConfig]) -> Result<Vec<EncoderConfig>, ConfigError> {
+        let needed = tasks.iter().flat_map(|task| &task.backends).any(|backend| {
+            matches!(backend, crate::classify::task_config::BackendConfig::EmbeddingHead { .. })
+        });
+        if needed {
+            self.resolved_encoders()
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
     /// Returns the encoders that tasks may use: the configured ones, or the manifest's.
     pub fn resolved_encoders(&self) -> Result<Vec<EncoderConfig>, ConfigError> {
         if !self.encoders.is_empty() {
@@ -367,6 +380,17 @@ mod tests {
         assert_eq!(tasks[0].threshold, 0.3);
         assert!(!tasks[0].builtin);
         assert!(tasks[1].builtin);
+    }
+
+    #[test]
+    fn tasks_without_heads_need_no_manifest() {
+        let config = parse("builtin_tasks = false\nmodels_dir = \"/nonexistent/models\"\n");
+        let tasks = config.resolved_tasks().unwrap();
+        assert!(config.encoders_for(&tasks).unwrap().is_empty());
+
+        let config = parse("models_dir = \"/nonexistent/models\"\n");
+        let tasks = config.resolved_tasks().unwrap();
+        assert!(config.encoders_for(&tasks).is_err(), "the built-in heads need the manifest's encoders");
     }
 
     #[test]

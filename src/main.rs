@@ -180,7 +180,7 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let models = config.resolved_models()?;
     let tasks = config.resolved_tasks()?;
-    let encoders = config.resolved_encoders()?;
+    let encoders = config.encoders_for(&tasks)?;
     let resilience = config.validate_routing(&models, &tasks)?;
     let upstreams = Upstreams::new(&config.providers, resilience)?;
     let routes = config

@@ -987,11 +987,13 @@ async fn gemma_load_time_and_memory() {
     // Exclusive: generation in other tests would slow the load and blur the timing. The best of
     // a few starts is compared with the budget, because a shared machine sometimes stalls a
     // single load by several hundred milliseconds. Peak RSS must hold on every start.
-    // Measured on the 2-core development VM: load 0.97-1.1 s when quiet (1.8 s in a stall),
-    // peak RSS 311.6-312.1 MiB, 1.292 x the 241.4 MiB file against a budget of 313.8 MiB.
+    // Measured on the 2-core development VM: load 0.97-1.2 s when quiet (1.8 s in a stall),
+    // peak RSS 314.0 MiB, 1.301 x the 241.4 MiB file, against a budget of 316.2 MiB. About 9 MiB
+    // of it is the executable's own pages, which grew by about 2 MiB when the provider
+    // clients (HTTP, TLS) were linked in.
     let (_, _lock) = exclusive();
     let file_size = std::fs::metadata(model_path(GEMMA)).expect("stat the GGUF file").len();
-    let rss_budget = file_size as f64 * 1.3;
+    let rss_budget = file_size as f64 * 1.31;
 
     let mut load_times = Vec::new();
     for _ in 0..LOAD_ATTEMPTS {
@@ -1015,7 +1017,7 @@ async fn gemma_load_time_and_memory() {
         assert!(
             (peak_rss as f64) < rss_budget,
             "peak RSS {peak_rss} bytes is {ratio:.4} x the file size {file_size}, over the budget of \
-             1.3 x = {rss_budget:.0} bytes"
+             1.31 x = {rss_budget:.0} bytes"
         );
         load_times.push(load_ms);
     }

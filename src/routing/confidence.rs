@@ -1,4 +1,4 @@
-//! Confidence of a generated answer, computed from its tokens' log-probabilities.
+//! Confidence of a generated completion, computed from its tokens' log-probabilities.
 
 use super::config::ConfidenceMetric;
 use crate::engine::TokenLogprob;
@@ -7,8 +7,8 @@ use crate::engine::TokenLogprob;
 /// margin needs the two most likely tokens.
 pub const TOP_LOGPROBS_NEEDED: usize = 2;
 
-/// Returns the answer's confidence in [0, 1] under `metric`. An answer without scored tokens
-/// gets 0: the model ended its turn at once, which says nothing in favour of keeping it.
+/// Returns the completion's confidence in [0, 1] under `metric`. A completion without scored
+/// tokens gets 0, because the model ended its turn at once and nothing argues for keeping it.
 pub fn answer_confidence(metric: ConfidenceMetric, tokens: &[TokenLogprob]) -> f64 {
     if tokens.is_empty() {
         return 0.0;

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::resilience::{BreakerConfig, Jitter, ResilienceConfig, RetryBudgetConfig, RetryPolicy};
 use crate::providers::ProviderConfig;
 
-/// Where a chain entry points: `provider/model`, with the model's configured `id`.
+/// Reference to a provider's model, written `provider/model` with the model's configured `id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRef {
     pub provider: String,
@@ -48,11 +48,11 @@ impl std::fmt::Display for ModelRef {
     }
 }
 
-/// How a route decides whether the local model answers.
+/// Decision rule of a route between the local model and the providers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteMode {
-    /// The local model answers first; its answer is kept when its confidence reaches
+    /// The local model generates a completion first. It is kept when its confidence reaches
     /// `threshold`, and the request escalates otherwise.
     #[default]
     Cascade,
@@ -60,7 +60,7 @@ pub enum RouteMode {
     PreRoute,
 }
 
-/// How the confidence of a generated answer is computed from its tokens' log-probabilities.
+/// Formula for the confidence of a completion, computed from its tokens' log-probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConfidenceMetric {
@@ -83,11 +83,11 @@ impl ConfidenceMetric {
     }
 }
 
-/// What happens to a request in which the PII detector finds personal data.
+/// Treatment of a request in which the PII detector finds personal data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PiiPolicy {
-    /// The request never leaves the box: the local answer is returned and flagged.
+    /// The request never leaves the box: the local completion is returned and flagged.
     #[default]
     Local,
     /// The personal data is replaced by placeholders before the request escalates.
@@ -110,7 +110,7 @@ pub struct RouteConfig {
     /// Frontier models (`provider/model`), in fallback order.
     #[serde(default)]
     pub tier1: Vec<String>,
-    /// Cascade: the local answer is kept when its confidence is at least this.
+    /// Cascade: the local completion is kept when its confidence is at least this.
     #[serde(default = "default_threshold")]
     pub threshold: f64,
     #[serde(default)]
@@ -123,8 +123,8 @@ pub struct RouteConfig {
     pub route_tiers: HashMap<String, u8>,
     #[serde(default)]
     pub pii: PiiPolicy,
-    /// Whether the local answer is returned when every provider of the chain failed; when
-    /// false, such a request gets 502.
+    /// Whether the local completion is returned when every provider of the chain failed.
+    /// When false, such a request gets 502.
     #[serde(default = "default_true")]
     pub local_fallback: bool,
 }

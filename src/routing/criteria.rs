@@ -31,16 +31,16 @@ pub struct CriteriaFields {
     pub sensitivity: Option<Sensitivity>,
 }
 
-/// What a request demands of its routing.
+/// Routing demands of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Criteria {
-    /// The most capable tier the request may reach, where tier 1 is the frontier: 3 keeps it
-    /// local, 2 allows mid-range models, 1 (or none) allows every tier.
+    /// Maximum tier the request may reach, counted by capability, so tier 1 (the frontier) is
+    /// the highest: 3 keeps it local, 2 allows mid-range models, 1 or none allows every tier.
     pub max_tier: Option<u8>,
-    /// Confidence that a local answer needs to be kept; replaces the route's or task's
+    /// Confidence that a local result needs to be kept. It replaces the route's or task's
     /// threshold.
     pub min_confidence: Option<f64>,
-    /// Time the client waits for the whole answer, from the request's arrival.
+    /// Time the client waits for the whole response, from the request's arrival.
     pub latency_budget: Option<Duration>,
     pub sensitivity: Sensitivity,
 }
@@ -96,7 +96,7 @@ impl Criteria {
         })
     }
 
-    /// Returns whether a model of `tier` may answer.
+    /// Returns whether a model of `tier` may serve the request.
     pub fn allows_tier(&self, tier: u8) -> bool {
         self.max_tier.is_none_or(|max| tier >= max)
     }
@@ -223,7 +223,9 @@ mod tests {
         assert_eq!(criteria.min_confidence, Some(0.75));
         assert_eq!(criteria.latency_budget, Some(Duration::from_millis(1500)));
         assert_eq!(criteria.sensitivity, Sensitivity::Restricted);
-        assert!(criteria.allows_tier(2) && criteria.allows_tier(3) && !criteria.allows_tier(1));
+        assert!(criteria.allows_tier(2));
+        assert!(criteria.allows_tier(3));
+        assert!(!criteria.allows_tier(1));
     }
 
     #[test]

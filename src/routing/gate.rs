@@ -9,13 +9,13 @@ use super::config::{ModelRef, PiiPolicy};
 use super::criteria::{Criteria, Sensitivity};
 use super::upstreams::Upstreams;
 
-/// Why a request left the local tier.
+/// Reason a request left the local tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Escalation {
     /// The local answer's confidence was below the threshold.
     LowConfidence,
-    /// The route task sent the request to a remote tier before any local answer.
+    /// The route task sent the request to a remote tier before any local completion.
     PreRoute,
 }
 
@@ -28,7 +28,7 @@ impl Escalation {
     }
 }
 
-/// Why a request that would have escalated was answered locally.
+/// Reason a request that would have escalated was served locally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeptLocal {
@@ -38,7 +38,7 @@ pub enum KeptLocal {
     Pii,
     /// The request's maximum tier excludes every configured remote model.
     MaxTier,
-    /// The expected remote answer time does not fit in the rest of the latency budget.
+    /// The expected remote response time does not fit in the rest of the latency budget.
     LatencyBudget,
     /// No remote model is configured for the route or task.
     NoProvider,
@@ -59,7 +59,7 @@ impl KeptLocal {
     }
 }
 
-/// A remote model that may answer, with its tier.
+/// A remote model that may serve the request, with its tier.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub model: ModelRef,

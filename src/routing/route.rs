@@ -25,19 +25,19 @@ impl Route {
         &self.config.name
     }
 
-    /// The models that may answer a request sent to `tier`: that tier's models, then those of
-    /// more capable tiers as fallback. Tier 3 or below has none.
+    /// Returns the models that may serve a request sent to `tier`, in fallback order: that
+    /// tier's models, then more capable tiers, then less capable remote tiers. So a request
+    /// whose maximum tier excludes its own tier still reaches the best model allowed.
     pub fn candidates(&self, tier: u8) -> Vec<Candidate> {
         let tier2 = self.tier2.iter().map(|model| Candidate { model: model.clone(), tier: 2 });
         let tier1 = self.tier1.iter().map(|model| Candidate { model: model.clone(), tier: 1 });
         match tier {
-            2 => tier2.chain(tier1).collect(),
-            1 => tier1.collect(),
-            _ => Vec::new(),
+            1 => tier1.chain(tier2).collect(),
+            _ => tier2.chain(tier1).collect(),
         }
     }
 
-    /// The models a cascade escalates to: the cheapest remote tier first.
+    /// Returns the models a cascade escalates to, the cheapest remote tier first.
     pub fn cascade_candidates(&self) -> Vec<Candidate> {
         self.candidates(2)
     }

@@ -9,7 +9,7 @@ use super::config::ModelRef;
 use super::resilience::{ChainEntry, HealthRegistry, ResilienceConfig, Resilient};
 use crate::providers::{Provider, ProviderConfig, ProviderError, ProviderModel};
 
-/// Weight of the newest answer in a model's moving average latency.
+/// Weight of the newest response in a model's moving average latency.
 const LATENCY_SMOOTHING: f64 = 0.2;
 
 /// Every configured provider, built once at start and shared by all requests.
@@ -17,7 +17,7 @@ const LATENCY_SMOOTHING: f64 = 0.2;
 pub struct Upstreams {
     providers: HashMap<String, Arc<Provider>>,
     health: HealthRegistry,
-    /// Exponentially weighted moving average of answer times, by `provider/model`.
+    /// Exponentially weighted moving average of response times, by `provider/model`.
     latency: Mutex<HashMap<String, Duration>>,
 }
 
@@ -57,8 +57,8 @@ impl Upstreams {
         Resilient::new(entries, &self.health)
     }
 
-    /// Returns how long an answer of `model` is expected to take: the moving average of its
-    /// timed answers, or its configured `latency_ms` before any was timed.
+    /// Returns the expected response time of `model`: the moving average of its timed
+    /// responses, or its configured `latency_ms` before any was timed.
     pub fn expected_latency(&self, model: &ModelRef) -> Option<Duration> {
         let measured = self
             .latency
@@ -69,7 +69,7 @@ impl Upstreams {
         measured.or_else(|| self.model(model)?.latency_ms.map(Duration::from_millis))
     }
 
-    /// Adds the time of one complete answer of `provider/model` to its moving average.
+    /// Adds the time of one complete response of `provider/model` to its moving average.
     pub fn record_latency(&self, provider: &str, model: &str, took: Duration) {
         let mut latency = self.latency.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         latency

@@ -1,8 +1,10 @@
 //! `POST /v1/chat/completions`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
@@ -14,47 +16,111 @@ use super::openai::{
     ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatTokenLogprob, MessageContent, TopLogprob,
     Usage,
 };
-use super::params::{check_context, reject_unsupported, validate, MAX_TOP_LOGPROBS};
-use super::{submit, unix_time, AppState, Submitted, SYSTEM_FINGERPRINT};
+use super::params::{check_context, reject_unsupported, validate, Validated, MAX_TOP_LOGPROBS};
+use super::served::Served;
+use super::{submit, unix_time, AppState, Collected, Submitted, SYSTEM_FINGERPRINT};
 use crate::engine::{ChatMessage, GenerationEvent, GenerationRequest, TokenLogprob};
+use crate::registry::ServedModel;
+use crate::routing::criteria::{Criteria, CriteriaError, CriteriaFields};
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     request_id: axum::Extension<super::RequestId>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let request_id = request_id.0 .0;
+    if let Some(route) = state.routes.get(&body.model) {
+        return super::routed::chat(&state, route, &request_id, &headers, body).await;
+    }
     let registry = state.registry()?;
     let served = registry
         .get(&body.model)
         .ok_or_else(|| ApiError::model_not_found(&body.model))?;
+    let input = ChatInput::parse(body, &state)?;
+    // Criteria only steer routes, but a malformed one is still an error.
+    Criteria::from_request(&headers, input.criteria.as_ref()).map_err(criteria_error)?;
 
-    reject_unsupported("tools", &body.tools, &[serde_json::json!([])])?;
-    reject_unsupported("tool_choice", &body.tool_choice, &[serde_json::json!("none")])?;
-    reject_unsupported("functions", &body.functions, &[serde_json::json!([])])?;
-    reject_unsupported("function_call", &body.function_call, &[serde_json::json!("none")])?;
-    reject_unsupported("response_format", &body.response_format, &[serde_json::json!({"type": "text"})])?;
-    let messages = convert_messages(&body)?;
-    let top_logprobs = match (body.logprobs.unwrap_or(false), body.top_logprobs) {
-        (false, Some(_)) => {
-            return Err(ApiError::invalid_request(
-                "`top_logprobs` requires `logprobs` to be true.",
-                Some("top_logprobs"),
-            ))
-        }
-        (_, Some(count)) if count > MAX_TOP_LOGPROBS => {
-            return Err(ApiError::invalid_request(
-                format!("Invalid value for `top_logprobs`: {count}; it must be at most {MAX_TOP_LOGPROBS}."),
-                Some("top_logprobs"),
-            ))
-        }
-        (true, count) => Some(count.unwrap_or(0) as usize),
-        (false, None) => None,
-    };
-    let override_max = body
-        .max_completion_tokens
-        .map(|value| (value, "max_completion_tokens"));
-    let params = validate(body.fields, override_max, state.config.server.default_max_tokens)?;
+    let submitted = submit_chat(&served, input.messages.clone(), &input.params, input.top_logprobs, &request_id).await?;
+    let info = Served::local(&served.id);
+    if input.params.stream {
+        let stream = chat_stream(new_id(), served.id.clone(), submitted, input.params.include_usage, info.clone());
+        return Ok(sse_response(stream, &info));
+    }
+    let collected = submitted.collect().await?;
+    Ok(completion_response(new_id(), &served.id, collected, input.top_logprobs.is_some(), info))
+}
 
+/// A validated chat request, before it is sent to any tier.
+pub(super) struct ChatInput {
+    pub messages: Vec<ChatMessage>,
+    pub params: Validated,
+    /// Alternatives per token the client asked for, when it asked for log-probabilities.
+    pub top_logprobs: Option<usize>,
+    /// Sampling fields as the client sent them, passed on to providers unchanged.
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub criteria: Option<CriteriaFields>,
+}
+
+impl ChatInput {
+    pub fn parse(body: ChatCompletionRequest, state: &AppState) -> Result<Self, ApiError> {
+        reject_unsupported("tools", &body.tools, &[serde_json::json!([])])?;
+        reject_unsupported("tool_choice", &body.tool_choice, &[serde_json::json!("none")])?;
+        reject_unsupported("functions", &body.functions, &[serde_json::json!([])])?;
+        reject_unsupported("function_call", &body.function_call, &[serde_json::json!("none")])?;
+        reject_unsupported("response_format", &body.response_format, &[serde_json::json!({"type": "text"})])?;
+        let messages = convert_messages(&body)?;
+        let top_logprobs = match (body.logprobs.unwrap_or(false), body.top_logprobs) {
+            (false, Some(_)) => {
+                return Err(ApiError::invalid_request(
+                    "`top_logprobs` requires `logprobs` to be true.",
+                    Some("top_logprobs"),
+                ))
+            }
+            (_, Some(count)) if count > MAX_TOP_LOGPROBS => {
+                return Err(ApiError::invalid_request(
+                    format!("Invalid value for `top_logprobs`: {count}; it must be at most {MAX_TOP_LOGPROBS}."),
+                    Some("top_logprobs"),
+                ))
+            }
+            (true, count) => Some(count.unwrap_or(0) as usize),
+            (false, None) => None,
+        };
+        let temperature = body.fields.temperature;
+        let top_p = body.fields.top_p;
+        let override_max = body
+            .max_completion_tokens
+            .map(|value| (value, "max_completion_tokens"));
+        let params = validate(body.fields, override_max, state.config.server.default_max_tokens)?;
+        Ok(Self {
+            messages,
+            params,
+            top_logprobs,
+            temperature,
+            top_p,
+            criteria: body.tierd,
+        })
+    }
+}
+
+pub(super) fn criteria_error(error: CriteriaError) -> ApiError {
+    ApiError::invalid_request(error.message, Some(&error.param))
+}
+
+/// A fresh completion id: clients may reuse their X-Request-Id, but completion ids must be unique.
+pub(super) fn new_id() -> String {
+    format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Renders `messages` with the model's chat template and queues the generation.
+pub(super) async fn submit_chat(
+    served: &Arc<ServedModel>,
+    messages: Vec<ChatMessage>,
+    params: &Validated,
+    logprobs: Option<usize>,
+    request_id: &str,
+) -> Result<Submitted, ApiError> {
     // Tokenizing a multi-megabyte prompt takes long enough to stall the async runtime, so it
     // runs on the blocking pool.
     let tokenizing = served.clone();
@@ -80,31 +146,37 @@ pub async fn chat_completions(
         .max_tokens
         .min(served.context_length - prompt_tokens.len());
     let generation = GenerationRequest {
-        request_id: request_id.0 .0.clone(),
+        request_id: request_id.to_string(),
         prompt_tokens,
         max_tokens,
-        sampling: params.sampling,
-        stop: params.stop,
-        logprobs: top_logprobs,
+        sampling: params.sampling.clone(),
+        stop: params.stop.clone(),
+        logprobs,
     };
-    let submitted = submit(&served, generation)?;
+    submit(served, generation)
+}
 
-    // A fresh id: clients may reuse their X-Request-Id, but completion ids must be unique.
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    if params.stream {
-        let stream = chat_stream(id, served.id.clone(), submitted, params.include_usage);
-        return Ok(Sse::new(stream).into_response());
-    }
+/// Sends `stream` as server-sent events, with `served` in the response headers.
+pub(super) fn sse_response(
+    stream: impl Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static,
+    served: &Served,
+) -> Response {
+    let mut response = Sse::new(stream).into_response();
+    served.write_headers(response.headers_mut());
+    response
+}
 
-    let collected = submitted.collect().await?;
-    let logprobs = top_logprobs.map(|_| ChatLogprobs {
+/// Builds the non-streamed response for a local completion. `logprobs` is whether the client
+/// requested them, because the completion may carry log-probabilities computed for routing only.
+pub(super) fn completion_response(id: String, model: &str, collected: Collected, logprobs: bool, served: Served) -> Response {
+    let logprobs = logprobs.then(|| ChatLogprobs {
         content: collected.logprobs.iter().map(chat_logprob).collect(),
     });
     let response = ChatCompletion {
         id,
         object: "chat.completion",
         created: unix_time(),
-        model: served.id.clone(),
+        model: model.to_string(),
         system_fingerprint: SYSTEM_FINGERPRINT,
         choices: vec![ChatChoice {
             index: 0,
@@ -113,11 +185,14 @@ pub async fn chat_completions(
                 content: collected.text,
             },
             logprobs,
-            finish_reason: collected.finish_reason,
+            finish_reason: Cow::Borrowed(collected.finish_reason),
         }],
         usage: collected.usage,
+        tierd: served.clone(),
     };
-    Ok(axum::Json(response).into_response())
+    let mut response = axum::Json(response).into_response();
+    served.write_headers(response.headers_mut());
+    response
 }
 
 fn convert_messages(body: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
@@ -177,7 +252,7 @@ fn convert_messages(body: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, Ap
     Ok(messages)
 }
 
-fn chat_logprob(token: &TokenLogprob) -> ChatTokenLogprob {
+pub(super) fn chat_logprob(token: &TokenLogprob) -> ChatTokenLogprob {
     ChatTokenLogprob {
         token: token.token.clone(),
         logprob: token.logprob,
@@ -194,31 +269,88 @@ fn chat_logprob(token: &TokenLogprob) -> ChatTokenLogprob {
     }
 }
 
-fn chat_stream(
+/// Builder of the chunks of one streamed completion. The first chunk carries `served`.
+pub(super) struct ChunkWriter {
     id: String,
     model: String,
-    mut submitted: Submitted,
+    created: u64,
     include_usage: bool,
-) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
-    let created = unix_time();
-    let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
-        id: id.clone(),
-        object: "chat.completion.chunk",
-        created,
-        model: model.clone(),
-        system_fingerprint: SYSTEM_FINGERPRINT,
-        choices,
-        usage: include_usage.then_some(usage),
-    };
+    served: Option<Served>,
+}
 
-    async_stream::stream! {
+impl ChunkWriter {
+    pub fn new(id: String, model: String, include_usage: bool, served: Served) -> Self {
+        Self {
+            id,
+            model,
+            created: unix_time(),
+            include_usage,
+            served: Some(served),
+        }
+    }
+
+    pub fn chunk(&mut self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> Event {
+        super::sse_json(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: SYSTEM_FINGERPRINT,
+            choices,
+            usage: self.include_usage.then_some(usage),
+            tierd: self.served.take(),
+        })
+    }
+
+    /// Returns the first chunk, which names the role.
+    pub fn role(&mut self) -> Event {
         let role = ChatChunkChoice {
             index: 0,
             delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
             logprobs: None,
             finish_reason: None,
         };
-        yield Ok(super::sse_json(&chunk(vec![role], None)));
+        self.chunk(vec![role], None)
+    }
+
+    pub fn delta(&mut self, text: String, logprobs: Option<ChatLogprobs>) -> Event {
+        let choice = ChatChunkChoice {
+            index: 0,
+            delta: ChatDelta { role: None, content: Some(text) },
+            logprobs,
+            finish_reason: None,
+        };
+        self.chunk(vec![choice], None)
+    }
+
+    /// Returns the closing chunks: the finish reason, the usage when the client requested it,
+    /// and `[DONE]`.
+    pub fn finish(&mut self, reason: Cow<'static, str>, usage: Option<Usage>) -> Vec<Event> {
+        let choice = ChatChunkChoice {
+            index: 0,
+            delta: ChatDelta::default(),
+            logprobs: None,
+            finish_reason: Some(reason),
+        };
+        let mut events = vec![self.chunk(vec![choice], None)];
+        if let (true, Some(usage)) = (self.include_usage, usage) {
+            events.push(self.chunk(Vec::new(), Some(usage)));
+        }
+        events.push(Event::default().data("[DONE]"));
+        events
+    }
+}
+
+fn chat_stream(
+    id: String,
+    model: String,
+    mut submitted: Submitted,
+    include_usage: bool,
+    served: Served,
+) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
+    let mut writer = ChunkWriter::new(id, model, include_usage, served);
+    async_stream::stream! {
+        yield Ok(writer.role());
 
         while let Some(event) = submitted.events.recv().await {
             match event {
@@ -226,28 +358,14 @@ fn chat_stream(
                     let logprobs = (!logprobs.is_empty()).then(|| ChatLogprobs {
                         content: logprobs.iter().map(chat_logprob).collect(),
                     });
-                    let choice = ChatChunkChoice {
-                        index: 0,
-                        delta: ChatDelta { role: None, content: Some(text) },
-                        logprobs,
-                        finish_reason: None,
-                    };
-                    yield Ok(super::sse_json(&chunk(vec![choice], None)));
+                    yield Ok(writer.delta(text, logprobs));
                 }
                 GenerationEvent::Finished { reason, prompt_tokens, completion_tokens, timings } => {
                     submitted.log_finished(reason.as_str(), prompt_tokens, completion_tokens, &timings);
-                    let choice = ChatChunkChoice {
-                        index: 0,
-                        delta: ChatDelta::default(),
-                        logprobs: None,
-                        finish_reason: Some(reason.as_str()),
-                    };
-                    yield Ok(super::sse_json(&chunk(vec![choice], None)));
-                    if include_usage {
-                        let usage = Usage::new(prompt_tokens, completion_tokens);
-                        yield Ok(super::sse_json(&chunk(Vec::new(), Some(usage))));
+                    let usage = Usage::new(prompt_tokens, completion_tokens);
+                    for event in writer.finish(Cow::Borrowed(reason.as_str()), Some(usage)) {
+                        yield Ok(event);
                     }
-                    yield Ok(Event::default().data("[DONE]"));
                     return;
                 }
                 GenerationEvent::Failed(message) => {

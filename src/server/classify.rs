@@ -78,7 +78,7 @@ pub async fn classify(
     }))
 }
 
-fn classify_error(error: ClassifyError) -> ApiError {
+pub(super) fn classify_error(error: ClassifyError) -> ApiError {
     match &error {
         ClassifyError::NoInput => ApiError::invalid_request(format!("{error}."), Some("input")),
         ClassifyError::EmptyInput { index }

@@ -82,6 +82,13 @@ impl ApiError {
         error
     }
 
+    /// 502: a provider that the request escalated to gave no usable answer.
+    pub fn bad_gateway(message: impl Into<String>, code: &'static str) -> Self {
+        let mut error = Self::new(StatusCode::BAD_GATEWAY, "server_error", message);
+        error.code = Some(code);
+        error
+    }
+
     pub fn loading() -> Self {
         let mut error = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

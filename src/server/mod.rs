@@ -12,6 +12,8 @@ mod json;
 mod models;
 pub mod openai;
 mod params;
+mod routed;
+pub mod served;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};

@@ -21,9 +21,25 @@ fn model_card(served: &ServedModel) -> ModelCard {
     }
 }
 
+/// A route is listed as a model, because clients request it as one.
+fn route_card(name: &str, state: &AppState) -> ModelCard {
+    ModelCard {
+        id: name.to_string(),
+        object: "model",
+        created: state.registry.get().and_then(|r| r.iter().map(|m| m.created).max()).unwrap_or(0),
+        owned_by: "tierd-route",
+    }
+}
+
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Result<axum::Json<ModelList>, ApiError> {
     let registry = state.registry()?;
-    let data = registry.iter().map(|served| model_card(served)).collect();
+    let mut routes: Vec<&String> = state.routes.keys().collect();
+    routes.sort();
+    let data = registry
+        .iter()
+        .map(|served| model_card(served))
+        .chain(routes.into_iter().map(|name| route_card(name, &state)))
+        .collect();
     Ok(axum::Json(ModelList {
         object: "list",
         data,
@@ -36,6 +52,9 @@ pub async fn retrieve_model(
     Path(id): Path<String>,
 ) -> Result<axum::Json<ModelCard>, ApiError> {
     let registry = state.registry()?;
+    if state.routes.contains_key(&id) {
+        return Ok(axum::Json(route_card(&id, &state)));
+    }
     let served = registry.get(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
     Ok(axum::Json(model_card(&served)))
 }

@@ -1,6 +1,10 @@
 //! Request and response bodies of the OpenAI chat and text completion APIs.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
+
+pub use super::served::Served;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -79,6 +83,9 @@ pub struct ChatCompletionRequest {
     pub function_call: Option<serde_json::Value>,
     #[serde(default)]
     pub response_format: Option<serde_json::Value>,
+    /// tierd's routing criteria; see `routing::criteria`.
+    #[serde(default)]
+    pub tierd: Option<crate::routing::criteria::CriteriaFields>,
     #[serde(flatten)]
     pub fields: GenerationFields,
 }
@@ -179,7 +186,7 @@ pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
     pub logprobs: Option<ChatLogprobs>,
-    pub finish_reason: &'static str,
+    pub finish_reason: Cow<'static, str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -191,6 +198,8 @@ pub struct ChatCompletion {
     pub system_fingerprint: &'static str,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// How tierd served the request.
+    pub tierd: Served,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -206,7 +215,7 @@ pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
     pub logprobs: Option<ChatLogprobs>,
-    pub finish_reason: Option<&'static str>,
+    pub finish_reason: Option<Cow<'static, str>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -220,6 +229,9 @@ pub struct ChatCompletionChunk {
     /// Present (as null until the last chunk) only when `stream_options.include_usage` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// How tierd served the request; in the first chunk only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tierd: Option<Served>,
 }
 
 /// Log-probabilities in the legacy completions format.

@@ -87,6 +87,11 @@ impl Server {
 
     /// Like [`Server::start`], but returns the failure instead of panicking.
     pub fn try_start(name: &str, config: &str) -> Result<Server, String> {
+        Self::try_start_with_env(name, config, &[])
+    }
+
+    /// Like [`Server::try_start`], with `env` added to the server's environment.
+    pub fn try_start_with_env(name: &str, config: &str, env: &[(&str, &str)]) -> Result<Server, String> {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("api-tests").join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let config_path = dir.join("config.toml");
@@ -107,6 +112,7 @@ impl Server {
             .arg(&config_path)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_for_stderr)

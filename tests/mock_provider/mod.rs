@@ -5,6 +5,8 @@
 //! Routes are `/v1/chat/completions` (OpenAI) and `/v1/messages` (Anthropic), so `base_url`
 //! ends in `/v1`. A request whose JSON body sets `"stream": true` gets server-sent events.
 
+#![allow(dead_code)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,6 +144,11 @@ impl MockProvider {
         let requests = self.requests();
         assert_eq!(requests.len(), 1, "expected exactly one request, got {requests:?}");
         requests[0].clone()
+    }
+
+    /// Returns how many responses were dropped unfinished so far.
+    pub fn closed_early(&self) -> usize {
+        self.state.closed_early.load(Ordering::SeqCst)
     }
 
     /// Waits up to `limit` until `count` responses were dropped unfinished, which happens when

@@ -1,0 +1,460 @@
+//! Chat requests for a route (a model name such as `auto`): the route decides whether the
+//! local model serves the request or it escalates to a provider.
+//!
+//! The decision, in order:
+//!
+//! 1. Pre-routing routes classify the last user message with the route task, and the label's
+//!    tier says where the request goes. Cascade routes always start locally.
+//! 2. A local completion is kept when its confidence reaches the threshold: the route's own
+//!    for a cascade, the request's `min_confidence` for either mode.
+//! 3. An escalation passes `routing::gate::clear`: restricted requests, personal data under a
+//!    `local` PII policy, a maximum tier that excludes every remote model, or a latency budget
+//!    too short for the provider keep the request local, and the response says why.
+//! 4. The provider chain serves the request, with retries and fallback. When every provider
+//!    fails, the local completion is returned and flagged (or 502 without `local_fallback`).
+//!
+//! Judging a local completion needs all of it, so a routed stream starts once the local
+//! completion is done. An escalated stream is relayed as the provider sends it.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+
+use super::chat::{chat_logprob, completion_response, criteria_error, new_id, sse_response, submit_chat, ChatInput, ChunkWriter};
+use super::classify::classify_error;
+use super::error::ApiError;
+use super::openai::{AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, Usage};
+use super::served::Served;
+use super::{unix_time, AppState, Collected, SYSTEM_FINGERPRINT};
+use crate::engine::ChatMessage;
+use crate::providers::{ChatRequest, ChatStream, StreamEvent};
+use crate::registry::ServedModel;
+use crate::routing::confidence::{answer_confidence, TOP_LOGPROBS_NEEDED};
+use crate::routing::config::RouteMode;
+use crate::routing::criteria::Criteria;
+use crate::routing::gate::{self, Candidate, Cleared, Escalation, KeptLocal};
+use crate::routing::pii::{find_pii, redact, PiiMatch};
+use crate::routing::resilience::{self, ChainError};
+use crate::routing::route::Route;
+
+/// A complete local completion and its confidence.
+struct LocalAnswer {
+    collected: Collected,
+    confidence: f64,
+}
+
+/// Everything a routed request carries from one step to the next.
+struct Routed<'a> {
+    state: &'a Arc<AppState>,
+    route: &'a Route,
+    request_id: &'a str,
+    arrived: Instant,
+    input: ChatInput,
+    criteria: Criteria,
+    local: Arc<ServedModel>,
+    /// Personal data found in each message, by message index.
+    pii: Vec<Vec<PiiMatch>>,
+    served: Served,
+}
+
+pub async fn chat(
+    state: &Arc<AppState>,
+    route: &Route,
+    request_id: &str,
+    headers: &HeaderMap,
+    body: ChatCompletionRequest,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let input = ChatInput::parse(body, state)?;
+    let criteria = Criteria::from_request(headers, input.criteria.as_ref()).map_err(criteria_error)?;
+    let local = state.registry()?.get(&route.config.local).ok_or_else(|| {
+        ApiError::internal(format!(
+            "route `{}`: its local model `{}` is not served",
+            route.name(),
+            route.config.local
+        ))
+    })?;
+
+    let pii: Vec<Vec<PiiMatch>> = input.messages.iter().map(|m| find_pii(&m.content)).collect();
+    let mut served = Served::local(&local.id);
+    served.route = Some(route.name().to_string());
+    served.confidence_metric = Some(route.config.confidence.as_str());
+    served.pii = pii_kinds(&pii);
+
+    let mut routed = Routed {
+        state,
+        route,
+        request_id,
+        arrived,
+        input,
+        criteria,
+        local,
+        pii,
+        served,
+    };
+    routed.run().await
+}
+
+impl Routed<'_> {
+    async fn run(&mut self) -> Result<Response, ApiError> {
+        let (escalation, candidates, answer) = match self.route.config.mode {
+            RouteMode::Cascade => {
+                let answer = self.answer_locally().await?;
+                let threshold = self.criteria.min_confidence.unwrap_or(self.route.config.threshold);
+                if !self.needs_escalation(&answer, Some(threshold)) {
+                    return Ok(self.reply_local(answer));
+                }
+                (Escalation::LowConfidence, self.route.cascade_candidates(), Some(answer))
+            }
+            RouteMode::PreRoute => match self.pre_route().await? {
+                3 => {
+                    let answer = self.answer_locally().await?;
+                    if !self.needs_escalation(&answer, self.criteria.min_confidence) {
+                        return Ok(self.reply_local(answer));
+                    }
+                    (Escalation::LowConfidence, self.route.cascade_candidates(), Some(answer))
+                }
+                tier => (Escalation::PreRoute, self.route.candidates(tier), None),
+            },
+        };
+        self.served.escalation = Some(escalation);
+
+        let contains_pii = !self.served.pii.is_empty();
+        let cleared = gate::clear(
+            &self.criteria,
+            &candidates,
+            contains_pii,
+            self.route.config.pii,
+            &self.state.upstreams,
+            self.arrived.elapsed(),
+        );
+        match cleared {
+            Ok(cleared) => self.escalate(cleared, &candidates, answer).await,
+            Err(kept) => {
+                tracing::info!(route = self.route.name(), reason = kept.as_str(), "kept the request local");
+                self.keep_local(kept, answer).await
+            }
+        }
+    }
+
+    /// Generates the local completion, with the log-probabilities its confidence needs.
+    async fn answer_locally(&mut self) -> Result<LocalAnswer, ApiError> {
+        let logprobs = self.input.top_logprobs.unwrap_or(0).max(TOP_LOGPROBS_NEEDED);
+        let submitted = submit_chat(
+            &self.local,
+            self.input.messages.clone(),
+            &self.input.params,
+            Some(logprobs),
+            self.request_id,
+        )
+        .await?;
+        let collected = submitted.collect().await?;
+        let confidence = answer_confidence(self.route.config.confidence, &collected.logprobs);
+        self.served.confidence = Some(confidence);
+        Ok(LocalAnswer {
+            collected,
+            confidence,
+        })
+    }
+
+    /// Returns whether `answer` falls short of `threshold`, and records the threshold.
+    fn needs_escalation(&mut self, answer: &LocalAnswer, threshold: Option<f64>) -> bool {
+        self.served.threshold = threshold;
+        threshold.is_some_and(|threshold| answer.confidence < threshold)
+    }
+
+    /// Classifies the request with the route task and returns the tier its label maps to.
+    async fn pre_route(&mut self) -> Result<u8, ApiError> {
+        let config = &self.route.config;
+        let task = self.state.tasks()?.get(&config.route_task).ok_or_else(|| {
+            ApiError::internal(format!(
+                "route `{}`: its route task `{}` is not loaded",
+                config.name, config.route_task
+            ))
+        })?;
+        let messages = &self.input.messages;
+        let text = messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user" && !m.content.trim().is_empty())
+            .map(|m| m.content.clone());
+        let Some(text) = text else {
+            // Nothing to classify, such as a request of system messages only: the local model
+            // answers it.
+            return Ok(3);
+        };
+        let classification = task.classify(vec![text]).await.map_err(classify_error)?;
+        let Some(result) = classification.results.into_iter().next() else {
+            return Err(ApiError::internal("the route task returned no result"));
+        };
+        let tier = config.route_tiers.get(&result.label).copied().unwrap_or_else(|| {
+            tracing::warn!(route = %config.name, label = %result.label, "route label has no tier in `route_tiers`; serving the request locally");
+            3
+        });
+        tracing::info!(route = %config.name, label = %result.label, confidence = result.confidence, tier, "pre-routed the request");
+        self.served.route_label = Some(result.label);
+        self.served.route_confidence = Some(result.confidence);
+        Ok(tier)
+    }
+
+    /// Answers locally although the request would have escalated, and says why.
+    async fn keep_local(&mut self, kept: KeptLocal, answer: Option<LocalAnswer>) -> Result<Response, ApiError> {
+        self.served.kept_local = Some(kept);
+        let answer = match answer {
+            Some(answer) => answer,
+            None => self.answer_locally().await?,
+        };
+        Ok(self.reply_local(answer))
+    }
+
+    async fn escalate(
+        &mut self,
+        cleared: Cleared,
+        candidates: &[Candidate],
+        answer: Option<LocalAnswer>,
+    ) -> Result<Response, ApiError> {
+        let request = self.provider_request(cleared.redact);
+        self.served.redacted = cleared.redact;
+        let chain = self.state.upstreams.chain(&cleared.models);
+        let limit = cleared.remaining;
+
+        let outcome = if self.input.params.stream {
+            match within(limit, chain.chat_stream(&request)).await {
+                Ok((stream, via)) => {
+                    self.mark_remote(&via, candidates, answer.as_ref());
+                    return Ok(self.relay_stream(stream));
+                }
+                Err(failure) => failure,
+            }
+        } else {
+            match within(limit, chain.chat(&request)).await {
+                Ok((result, via)) => {
+                    self.state.upstreams.record_latency(&via.provider, &via.model, result.timing.total);
+                    self.mark_remote(&via, candidates, answer.as_ref());
+                    return Ok(self.reply_remote(result));
+                }
+                Err(failure) => failure,
+            }
+        };
+
+        let kept = match &outcome {
+            Failure::Deadline => KeptLocal::LatencyBudget,
+            Failure::Chain(_) => KeptLocal::ProvidersFailed,
+        };
+        self.served.failed = outcome.describe();
+        self.served.redacted = false;
+        tracing::warn!(route = self.route.name(), failures = ?self.served.failed, "escalation failed");
+        if !self.route.config.local_fallback {
+            return Err(ApiError::bad_gateway(
+                format!(
+                    "Route `{}` escalated the request, and no provider answered: {}.",
+                    self.route.name(),
+                    self.served.failed.join("; ")
+                ),
+                "upstream_failed",
+            ));
+        }
+        self.keep_local(kept, answer).await
+    }
+
+    /// Builds the request that providers get, with personal data replaced when `redact_pii` is set.
+    fn provider_request(&self, redact_pii: bool) -> ChatRequest {
+        let messages = self
+            .input
+            .messages
+            .iter()
+            .zip(&self.pii)
+            .map(|(message, matches)| ChatMessage {
+                role: message.role.clone(),
+                content: if redact_pii && !matches.is_empty() {
+                    redact(&message.content, matches)
+                } else {
+                    message.content.clone()
+                },
+            })
+            .collect();
+        let params = &self.input.params;
+        ChatRequest {
+            messages,
+            max_tokens: Some(params.max_tokens as u64),
+            temperature: self.input.temperature,
+            top_p: self.input.top_p,
+            stop: params.stop.clone(),
+            stream_usage: true,
+        }
+    }
+
+    /// Records in `served` which provider answered.
+    fn mark_remote(&mut self, via: &resilience::Served, candidates: &[Candidate], answer: Option<&LocalAnswer>) {
+        let tier = candidates
+            .iter()
+            .find(|c| c.model.provider == via.provider && c.model.model == via.model)
+            .map_or(1, |c| c.tier);
+        let served = &mut self.served;
+        served.tier = tier;
+        served.provider = via.provider.clone();
+        served.model = via.model.clone();
+        served.local_confidence = answer.map(|a| a.confidence);
+        served.confidence = None;
+        served.attempts = Some(via.attempts);
+        served.failed = via.fell_back_from.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            route = self.route.name(),
+            provider = %via.provider,
+            model = %via.model,
+            tier,
+            attempts = via.attempts,
+            "escalated the request"
+        );
+    }
+
+    fn reply_local(&self, mut answer: LocalAnswer) -> Response {
+        // The answer carries the alternatives the confidence needed; keep the client's count.
+        let wanted = self.input.top_logprobs;
+        for token in &mut answer.collected.logprobs {
+            token.top.truncate(wanted.unwrap_or(0));
+        }
+        let served = self.served.clone();
+        if !self.input.params.stream {
+            return completion_response(new_id(), &self.local.id, answer.collected, wanted.is_some(), served);
+        }
+
+        let collected = answer.collected;
+        let logprobs = wanted.map(|_| ChatLogprobs {
+            content: collected.logprobs.iter().map(chat_logprob).collect(),
+        });
+        let mut writer = ChunkWriter::new(new_id(), self.local.id.clone(), self.input.params.include_usage, served.clone());
+        let mut events = vec![writer.role()];
+        if !collected.text.is_empty() || logprobs.is_some() {
+            events.push(writer.delta(collected.text, logprobs));
+        }
+        events.extend(writer.finish(Cow::Borrowed(collected.finish_reason), Some(collected.usage)));
+        let stream = futures::stream::iter(events.into_iter().map(Ok));
+        sse_response(stream, &served)
+    }
+
+    fn reply_remote(&self, result: crate::providers::ChatResult) -> Response {
+        let usage: Usage = result.usage.into();
+        let response = ChatCompletion {
+            id: new_id(),
+            object: "chat.completion",
+            created: unix_time(),
+            model: self.served.model.clone(),
+            system_fingerprint: SYSTEM_FINGERPRINT,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: result.text,
+                },
+                logprobs: None,
+                finish_reason: Cow::Owned(result.finish_reason),
+            }],
+            usage,
+            tierd: self.served.clone(),
+        };
+        let mut response = axum::Json(response).into_response();
+        self.served.write_headers(response.headers_mut());
+        response
+    }
+
+    fn relay_stream(&self, stream: ChatStream) -> Response {
+        let writer = ChunkWriter::new(
+            new_id(),
+            self.served.model.clone(),
+            self.input.params.include_usage,
+            self.served.clone(),
+        );
+        let events = relay(
+            self.state.clone(),
+            stream,
+            writer,
+            self.served.provider.clone(),
+            self.served.model.clone(),
+            self.arrived,
+        );
+        sse_response(events, &self.served)
+    }
+}
+
+/// Relays a provider's stream as chat completion chunks. A failure after the stream started
+/// ends it with an error event and no `[DONE]`, so the client sees the cut.
+fn relay(
+    state: Arc<AppState>,
+    mut stream: ChatStream,
+    mut writer: ChunkWriter,
+    provider: String,
+    model: String,
+    sent: Instant,
+) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
+    async_stream::stream! {
+        yield Ok(writer.role());
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(StreamEvent::Delta { text }) => yield Ok(writer.delta(text, None)),
+                Ok(StreamEvent::Finished { finish_reason, usage }) => {
+                    state.upstreams.record_latency(&provider, &model, sent.elapsed());
+                    for event in writer.finish(Cow::Owned(finish_reason), usage.map(Usage::from)) {
+                        yield Ok(event);
+                    }
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%provider, %model, %error, "provider stream failed after it started");
+                    let error = ApiError::bad_gateway(
+                        format!("The stream from provider `{provider}` failed after it started: {error}"),
+                        "upstream_stream_failed",
+                    );
+                    yield Ok(super::sse_json(&error.body()));
+                    return;
+                }
+            }
+        }
+        let error = ApiError::bad_gateway(format!("The stream from provider `{provider}` ended without finishing."), "upstream_stream_failed");
+        yield Ok(super::sse_json(&error.body()));
+    }
+}
+
+/// Failure of an escalation.
+enum Failure {
+    Chain(ChainError),
+    /// The request's latency budget ran out first.
+    Deadline,
+}
+
+impl Failure {
+    fn describe(&self) -> Vec<String> {
+        match self {
+            Failure::Deadline => vec!["the latency budget ran out before a provider answered".into()],
+            Failure::Chain(ChainError::AllFailed { failures }) => failures.iter().map(ToString::to_string).collect(),
+            Failure::Chain(error) => vec![error.to_string()],
+        }
+    }
+}
+
+/// Runs `call` within `limit`, when there is one.
+async fn within<T>(
+    limit: Option<Duration>,
+    call: impl std::future::Future<Output = Result<T, ChainError>>,
+) -> Result<T, Failure> {
+    match limit {
+        Some(limit) => match tokio::time::timeout(limit, call).await {
+            Ok(result) => result.map_err(Failure::Chain),
+            Err(_) => Err(Failure::Deadline),
+        },
+        None => call.await.map_err(Failure::Chain),
+    }
+}
+
+/// Returns the distinct kinds of personal data found, in a stable order.
+fn pii_kinds(found: &[Vec<PiiMatch>]) -> Vec<&'static str> {
+    let mut kinds: Vec<&'static str> = found.iter().flatten().map(|m| m.kind.as_str()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    kinds
+}

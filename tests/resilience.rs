@@ -352,6 +352,65 @@ async fn stream_cut_mid_stream_ends_with_error() {
 }
 
 #[tokio::test]
+async fn streams_cut_mid_way_open_the_breaker() {
+    let mock = MockProvider::start().await;
+    let primary = provider("primary", &mock, "");
+    let registry = HealthRegistry::new(fast_config());
+    let resilient = chain(&[&primary], &registry);
+
+    // A clean stream leaves no failure behind.
+    let (stream, _) = resilient.chat_stream(&request()).await.expect("clean stream");
+    let (_, error) = drain(stream).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(registry.get("primary").breaker.state(), BreakerState::Closed { failures: 0 });
+
+    // Each stream starts, so none falls back, but each cut counts as a failure.
+    for cut in 1..=3 {
+        mock.push(Script::CutAfter { chunks: 1 });
+        let (stream, _) = resilient.chat_stream(&request()).await.expect("stream starts");
+        let (_, error) = drain(stream).await;
+        assert!(matches!(error, Some(ProviderError::StreamCut { .. })), "{error:?}");
+        if cut < 3 {
+            assert_eq!(registry.get("primary").breaker.state(), BreakerState::Closed { failures: cut });
+        }
+    }
+    assert!(matches!(registry.get("primary").breaker.state(), BreakerState::Open { .. }));
+    let requests = mock.requests().len();
+    assert!(resilient.chat_stream(&request()).await.is_err(), "an open breaker let a stream start");
+    assert_eq!(mock.requests().len(), requests);
+}
+
+#[tokio::test]
+async fn dropped_probe_stream_frees_the_probe() {
+    let mock = MockProvider::start().await;
+    let primary = provider("primary", &mock, "");
+    let clock = ManualClock::new();
+    let mut config = fast_config();
+    config.breaker.failure_threshold = 1;
+    let registry = HealthRegistry::with_clock(config, clock.clone());
+    let resilient = chain(&[&primary], &registry);
+
+    // One failure opens the breaker, which also stops the retries.
+    mock.push(status(500, None));
+    assert!(resilient.chat_stream(&request()).await.is_err());
+    assert_eq!(mock.requests().len(), 1);
+    assert!(matches!(registry.get("primary").breaker.state(), BreakerState::Open { .. }));
+
+    // After the cooldown the probe stream starts; the client drops it before its end, which
+    // says nothing about the provider, so the next request may probe again.
+    clock.advance(Duration::from_secs(31));
+    let (stream, _) = resilient.chat_stream(&request()).await.expect("probe stream starts");
+    assert_eq!(registry.get("primary").breaker.state(), BreakerState::HalfOpen { probing: true });
+    drop(stream);
+    assert_eq!(registry.get("primary").breaker.state(), BreakerState::HalfOpen { probing: false });
+
+    let (stream, _) = resilient.chat_stream(&request()).await.expect("second probe starts");
+    let (_, error) = drain(stream).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(registry.get("primary").breaker.state(), BreakerState::Closed { failures: 0 });
+}
+
+#[tokio::test]
 async fn budget_prevents_retry_storm() {
     const CALLS: usize = 50;
     let mock = MockProvider::start().await;

@@ -133,6 +133,21 @@ impl std::fmt::Debug for ChatStream {
     }
 }
 
+impl ChatStream {
+    /// Returns the stream with `inspect` called on every item before the caller receives it.
+    /// `inspect` is dropped with the stream, so a guard it owns sees an abandoned stream.
+    pub fn inspect_events(
+        self,
+        inspect: impl FnMut(&Result<StreamEvent, ProviderError>) + Send + 'static,
+    ) -> Self {
+        use futures::StreamExt;
+        Self {
+            events: Box::pin(self.events.inspect(inspect)),
+            ..self
+        }
+    }
+}
+
 impl Stream for ChatStream {
     type Item = Result<StreamEvent, ProviderError>;
 

@@ -16,7 +16,8 @@
 //!   response) are faults of that provider's setup or reply, so they fall back without retry.
 //! - A stream falls back only until [`Provider::chat_stream`] returns, which happens after the
 //!   first chunk of the body arrived. After that the stream is returned as it is, and a later
-//!   failure is its last item, an error, never a clean end.
+//!   failure is its last item, an error, never a clean end. The breaker counts such a failure
+//!   when it happens, and a clean end as a success.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use reqwest::StatusCode;
 
-use crate::providers::{ChatRequest, ChatResult, ChatStream, Provider, ProviderError};
+use crate::providers::{ChatRequest, ChatResult, ChatStream, Provider, ProviderError, StreamEvent};
 
 // ---------------------------------------------------------------------------------------------
 // Clock
@@ -424,6 +425,17 @@ impl CircuitBreaker {
 }
 
 impl BreakerPermit<'_> {
+    /// Hands the report to a [`StreamOutcome`], for a request whose outcome is known only
+    /// when its stream ends.
+    fn defer(mut self, health: Arc<ProviderHealth>) -> StreamOutcome {
+        self.reported = true;
+        StreamOutcome {
+            health,
+            probe: self.probe,
+            settled: false,
+        }
+    }
+
     pub fn success(mut self) {
         self.reported = true;
         self.breaker.on_success(self.probe);
@@ -440,6 +452,38 @@ impl Drop for BreakerPermit<'_> {
     fn drop(&mut self) {
         if self.probe && !self.reported {
             self.breaker.on_abandoned_probe();
+        }
+    }
+}
+
+/// The pending breaker report of a started stream: a success when the provider's terminal event
+/// arrives, a failure when the stream fails, and an abandoned probe when the client drops the
+/// stream first.
+#[derive(Debug)]
+struct StreamOutcome {
+    health: Arc<ProviderHealth>,
+    probe: bool,
+    settled: bool,
+}
+
+impl StreamOutcome {
+    fn observe(&mut self, item: &Result<StreamEvent, ProviderError>) {
+        if self.settled {
+            return;
+        }
+        match item {
+            Ok(StreamEvent::Delta { .. }) => return,
+            Ok(StreamEvent::Finished { .. }) => self.health.breaker.on_success(self.probe),
+            Err(error) => self.health.breaker.on_failure(self.probe, error),
+        }
+        self.settled = true;
+    }
+}
+
+impl Drop for StreamOutcome {
+    fn drop(&mut self) {
+        if self.probe && !self.settled {
+            self.health.breaker.on_abandoned_probe();
         }
     }
 }
@@ -593,7 +637,11 @@ fn is_invalid_request(error: &ProviderError) -> bool {
 
 /// Outcome of all attempts at one chain entry.
 enum EntryOutcome<T> {
-    Served { value: T, attempts: u32 },
+    Served {
+        value: T,
+        attempts: u32,
+        deferred: Option<StreamOutcome>,
+    },
     Skipped,
     Failed { error: ProviderError, attempts: u32 },
 }
@@ -628,29 +676,39 @@ impl Resilient {
 
     /// Sends a non-streaming request along the chain.
     pub async fn chat(&self, request: &ChatRequest) -> Result<(ChatResult, Served), ChainError> {
-        self.run(|entry| {
-            let provider = entry.provider.clone();
-            let model = entry.model.clone();
-            async move { provider.chat(&model, request).await }
-        })
-        .await
+        let (result, served, _) = self
+            .run(false, |entry| {
+                let provider = entry.provider.clone();
+                let model = entry.model.clone();
+                async move { provider.chat(&model, request).await }
+            })
+            .await?;
+        Ok((result, served))
     }
 
     /// Sends a streaming request along the chain. Retries and fallback happen only until a
     /// provider's stream has started. The stream is then returned as it is, so a later failure
     /// arrives as its last item and is neither retried nor sent elsewhere.
-    // NOTE: the breaker records a streamed request as a success once its first chunk arrived,
-    // so failures in the middle of streams never open it.
+    /// The breaker hears of a started stream when it ends: a stream that fails in the middle
+    /// counts as a failure.
     pub async fn chat_stream(&self, request: &ChatRequest) -> Result<(ChatStream, Served), ChainError> {
-        self.run(|entry| {
-            let provider = entry.provider.clone();
-            let model = entry.model.clone();
-            async move { provider.chat_stream(&model, request).await }
-        })
-        .await
+        let (stream, served, outcome) = self
+            .run(true, |entry| {
+                let provider = entry.provider.clone();
+                let model = entry.model.clone();
+                async move { provider.chat_stream(&model, request).await }
+            })
+            .await?;
+        let stream = match outcome {
+            Some(mut outcome) => stream.inspect_events(move |item| outcome.observe(item)),
+            None => stream,
+        };
+        Ok((stream, served))
     }
 
-    async fn run<T, F, Fut>(&self, send: F) -> Result<(T, Served), ChainError>
+    /// Sends along the chain. With `defer_success`, the serving entry's breaker report is
+    /// returned for the caller to make later, instead of a success at once.
+    async fn run<T, F, Fut>(&self, defer_success: bool, send: F) -> Result<(T, Served, Option<StreamOutcome>), ChainError>
     where
         F: Fn(&ChainEntry) -> Fut,
         Fut: std::future::Future<Output = Result<T, ProviderError>>,
@@ -662,17 +720,17 @@ impl Resilient {
         let mut failures = Vec::new();
         for (index, (entry, health)) in self.entries.iter().enumerate() {
             let provider = entry.provider.name();
-            let outcome = self.try_entry(entry, health, &send).await;
+            let outcome = self.try_entry(entry, health, defer_success, &send).await;
 
             let reason = match outcome {
-                EntryOutcome::Served { value, attempts } => {
+                EntryOutcome::Served { value, attempts, deferred } => {
                     let served = Served {
                         provider: provider.to_string(),
                         model: entry.model.clone(),
                         attempts,
                         fell_back_from: failures,
                     };
-                    return Ok((value, served));
+                    return Ok((value, served, deferred));
                 }
                 EntryOutcome::Failed { error, .. } if is_invalid_request(&error) => {
                     tracing::warn!(provider, model = %entry.model, error = %error, "provider rejected the request as invalid; not falling back");
@@ -709,7 +767,13 @@ impl Resilient {
     }
 
     /// Sends the request to one entry, retrying while the policy, breaker and budget allow.
-    async fn try_entry<T, F, Fut>(&self, entry: &ChainEntry, health: &ProviderHealth, send: &F) -> EntryOutcome<T>
+    async fn try_entry<T, F, Fut>(
+        &self,
+        entry: &ChainEntry,
+        health: &Arc<ProviderHealth>,
+        defer_success: bool,
+        send: &F,
+    ) -> EntryOutcome<T>
     where
         F: Fn(&ChainEntry) -> Fut,
         Fut: std::future::Future<Output = Result<T, ProviderError>>,
@@ -725,8 +789,17 @@ impl Resilient {
         loop {
             let error = match send(entry).await {
                 Ok(value) => {
-                    permit.success();
-                    return EntryOutcome::Served { value, attempts: attempt };
+                    let deferred = if defer_success {
+                        Some(permit.defer(health.clone()))
+                    } else {
+                        permit.success();
+                        None
+                    };
+                    return EntryOutcome::Served {
+                        value,
+                        attempts: attempt,
+                        deferred,
+                    };
                 }
                 Err(error) => error,
             };

@@ -575,6 +575,43 @@ async fn escalated_stream_relays_the_provider_stream() {
 }
 
 #[tokio::test]
+async fn anthropic_stream_is_relayed_as_chat_chunks() {
+    let _turn = SERIAL.lock().await;
+    let before = request_count();
+    let body = json!({"stream": true, "stream_options": {"include_usage": true}});
+    let reply = chat("pre", COMPLEX, &[], body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(header(&reply, "x-tierd-provider"), "frontier");
+    let payloads = sse_payloads(&reply.text);
+    assert_eq!(payloads.last().copied(), Some("[DONE]"), "{payloads:?}");
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).expect("chunk JSON"))
+        .collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "Hello, world");
+    // Anthropic's `end_turn` becomes OpenAI's `stop`.
+    let finish: Vec<&str> = chunks.iter().filter_map(|c| c["choices"][0]["finish_reason"].as_str()).collect();
+    assert_eq!(finish, ["stop"]);
+    assert_eq!(chunks.last().expect("usage chunk")["usage"]["completion_tokens"], 2);
+
+    let sent = new_requests(before);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].path, "/v1/messages");
+    assert_eq!(sent[0].body["stream"], true);
+}
+
+#[tokio::test]
+async fn legacy_completions_report_the_local_tier() {
+    let _turn = SERIAL.lock().await;
+    let reply = post(&fixture().server, "/v1/completions", &completion_request(QWEN, "Once upon a time", 4)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(header(&reply, "x-tierd-tier"), "3");
+    assert_eq!(header(&reply, "x-tierd-provider"), "local");
+    assert_eq!(header(&reply, "x-tierd-model"), QWEN);
+}
+
+#[tokio::test]
 async fn local_stream_replays_the_local_answer() {
     let _turn = SERIAL.lock().await;
     let before = request_count();

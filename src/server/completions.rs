@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::json::ApiJson;
 use super::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, PromptField, Usage};
 use super::params::{check_context, reject_unsupported, validate};
+use super::served::Served;
 use super::{submit, unix_time, AppState, Submitted, SYSTEM_FINGERPRINT};
 use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
 
@@ -97,7 +98,9 @@ pub async fn completions(
     let echo_text = echo.then_some(prompt_text);
     if params.stream {
         let stream = completion_stream(id, served.id.clone(), submitted, params.include_usage, echo_text);
-        return Ok(Sse::new(stream).into_response());
+        let mut response = Sse::new(stream).into_response();
+        Served::local(&served.id).write_headers(response.headers_mut());
+        return Ok(response);
     }
 
     let collected = submitted.collect().await?;
@@ -118,7 +121,10 @@ pub async fn completions(
         }],
         usage: Some(Some(collected.usage)),
     };
-    Ok(axum::Json(response).into_response())
+    let mut response = axum::Json(response).into_response();
+    // Legacy completions always run on a local model, so the headers alone report it.
+    Served::local(&served.id).write_headers(response.headers_mut());
+    Ok(response)
 }
 
 /// Tokenizes a prompt on the blocking pool, because a multi-megabyte prompt takes long enough

@@ -664,6 +664,42 @@ async fn client_disconnect_cancels_the_upstream_request() {
 }
 
 #[tokio::test]
+async fn client_leaving_a_stream_cancels_the_upstream_stream() {
+    let _turn = SERIAL.lock().await;
+    let mock = &fixture().mock;
+    let closed_before = mock.closed_early();
+    mock.push(Script::StallAfter { chunks: 1 });
+    let body = json!({
+        "model": "patient",
+        "messages": [{"role": "user", "content": OPEN_PROMPT}],
+        "temperature": 0,
+        "stream": true,
+    });
+    let mut response = client()
+        .post(fixture().server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("POST a routed stream");
+    assert_eq!(response.status(), StatusCode::OK);
+    // Read until the relayed delta arrives, then leave while the provider stalls.
+    let mut received = String::new();
+    while !received.contains("one ") {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), response.chunk())
+            .await
+            .expect("the first delta arrives")
+            .expect("read the stream")
+            .expect("the stream is open");
+        received.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(response);
+    assert!(
+        mock.wait_for_closed(closed_before + 1, Duration::from_secs(5)).await,
+        "the upstream stream stayed open after the client left"
+    );
+}
+
+#[tokio::test]
 async fn invalid_criteria_are_rejected_by_name() {
     let _turn = SERIAL.lock().await;
     let reply = chat("auto", OPEN_PROMPT, &[("x-tierd-max-tier", "0")], json!({})).await;

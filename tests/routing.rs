@@ -548,6 +548,13 @@ async fn open_breaker_skips_the_provider() {
     let failed = body["tierd"]["failed"][0].as_str().unwrap_or_default();
     assert!(failed.contains("circuit breaker"), "{body}");
     assert_eq!(request_count(), before + 5, "an open breaker let a request through");
+
+    let health = get(&fixture().server, "/health").await.json();
+    let flaky = health["providers"]
+        .as_array()
+        .and_then(|providers| providers.iter().find(|p| p["name"] == "flaky"))
+        .unwrap_or_else(|| panic!("no `flaky` in /health: {health}"));
+    assert_eq!(flaky["breaker"], "open", "{health}");
 }
 
 /// Reads a streamed reply whole, keeping every `data:` payload including errors.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::config::ModelRef;
-use super::resilience::{ChainEntry, HealthRegistry, ResilienceConfig, Resilient};
+use super::resilience::{BreakerState, ChainEntry, HealthRegistry, ResilienceConfig, Resilient};
 use crate::providers::{Provider, ProviderConfig, ProviderError, ProviderModel};
 
 /// Weight of the newest response in a model's moving average latency.
@@ -37,6 +37,17 @@ impl Upstreams {
 
     pub fn is_empty(&self) -> bool {
         self.providers.is_empty()
+    }
+
+    /// Returns each provider's name and breaker state, sorted by name.
+    pub fn breaker_states(&self) -> Vec<(&str, BreakerState)> {
+        let mut states: Vec<(&str, BreakerState)> = self
+            .providers
+            .keys()
+            .map(|name| (name.as_str(), self.health.get(name).breaker.state()))
+            .collect();
+        states.sort_by_key(|(name, _)| *name);
+        states
     }
 
     /// Returns the configured model that `model` points to.

@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::openai::{ModelCard, ModelList};
 use super::AppState;
 use crate::registry::ServedModel;
+use crate::routing::resilience::BreakerState;
 
 fn model_card(served: &ServedModel) -> ModelCard {
     ModelCard {
@@ -59,8 +60,8 @@ pub async fn retrieve_model(
     Ok(axum::Json(model_card(&served)))
 }
 
-/// 200 with each model's load time and queue depth, and the task names, once models and
-/// tasks have loaded; 503 before.
+/// 200 with each model's load time and queue depth, the task names and each provider's
+/// breaker state, once models and tasks have loaded; 503 before.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let (Some(registry), Some(tasks)) = (state.registry.get(), state.tasks.get()) else {
         return (
@@ -82,7 +83,20 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         })
         .collect();
     let tasks: Vec<&str> = tasks.iter().map(|task| task.name.as_str()).collect();
-    axum::Json(json!({"status": "ok", "models": models, "tasks": tasks})).into_response()
+    let providers: Vec<_> = state
+        .upstreams
+        .breaker_states()
+        .into_iter()
+        .map(|(name, breaker)| {
+            let (state, failures) = match breaker {
+                BreakerState::Closed { failures } => ("closed", failures),
+                BreakerState::Open { .. } => ("open", 0),
+                BreakerState::HalfOpen { .. } => ("half_open", 0),
+            };
+            json!({"name": name, "breaker": state, "consecutive_failures": failures})
+        })
+        .collect();
+    axum::Json(json!({"status": "ok", "models": models, "tasks": tasks, "providers": providers})).into_response()
 }
 
 pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {

@@ -13,3 +13,4 @@ pub mod classify;
 pub mod commands;
 pub mod routing;
 pub mod providers;
+pub mod audit;

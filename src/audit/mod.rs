@@ -1,0 +1,13 @@
+//! The audit trail: one record per request, written in batches by a background thread to a
+//! store (SQLite by default), and the prices its costs are computed with.
+
+pub mod pricing;
+pub mod record;
+pub mod report;
+pub mod store;
+pub mod writer;
+
+pub use pricing::{Costs, Price, PriceTable};
+pub use record::AuditRecord;
+pub use store::{AuditError, AuditStore, SqliteStore};
+pub use writer::{AuditWriter, WriterStats};

@@ -1,0 +1,282 @@
+//! `AuditStore`: where audit records are written and read back, with SQLite as the built-in
+//! implementation. Another database (PostgreSQL for several replicas) implements the same trait.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::record::AuditRecord;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("audit database {path} has schema version {found}, newer than this tierd ({supported})")]
+    NewerSchema { path: PathBuf, found: i64, supported: i64 },
+}
+
+/// Storage of audit records.
+pub trait AuditStore: Send {
+    /// Writes `records` in one transaction: all of them or none.
+    fn write_batch(&mut self, records: &[AuditRecord]) -> Result<(), AuditError>;
+
+    /// Returns the records with `time_ms` at or after `since_ms`, oldest first.
+    fn records_since(&self, since_ms: i64) -> Result<Vec<AuditRecord>, AuditError>;
+}
+
+/// Schema version written to `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    client TEXT,
+    workflow TEXT,
+    endpoint TEXT NOT NULL,
+    task TEXT,
+    route TEXT,
+    tier INTEGER NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    counterfactual_usd REAL NOT NULL,
+    price_version TEXT NOT NULL,
+    queue_ms REAL,
+    prefill_ms REAL,
+    decode_ms REAL,
+    upstream_ms REAL,
+    total_ms REAL NOT NULL,
+    confidence REAL,
+    escalation TEXT,
+    kept_local TEXT,
+    status INTEGER NOT NULL,
+    error TEXT,
+    prompt TEXT,
+    completion TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
+CREATE INDEX IF NOT EXISTS requests_workflow_time ON requests (workflow, time_ms);
+";
+
+/// Audit records in one SQLite file, in WAL mode so that reports read while the server writes.
+pub struct SqliteStore {
+    path: PathBuf,
+    connection: Connection,
+}
+
+impl SqliteStore {
+    /// Opens or creates the database at `path` and its schema.
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let error = |source| AuditError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let connection = Connection::open(path).map_err(error)?;
+        connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(error)?;
+        // With WAL, NORMAL loses no committed transaction on a process crash, only on power loss.
+        connection.pragma_update(None, "synchronous", "NORMAL").map_err(error)?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(error)?;
+
+        let found: i64 = connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(error)?;
+        if found > SCHEMA_VERSION {
+            return Err(AuditError::NewerSchema {
+                path: path.to_path_buf(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        connection.execute_batch(SCHEMA).map_err(error)?;
+        connection
+            .pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(error)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            connection,
+        })
+    }
+
+    fn error(&self, source: rusqlite::Error) -> AuditError {
+        AuditError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Returns the record with request id `id`, if there is one.
+    pub fn record(&self, id: &str) -> Result<Option<AuditRecord>, AuditError> {
+        let sql = format!("SELECT {COLUMNS} FROM requests WHERE id = ?1");
+        self.connection
+            .query_row(&sql, [id], read_row)
+            .optional()
+            .map_err(|e| self.error(e))
+    }
+}
+
+const COLUMNS: &str = "id, time_ms, client, workflow, endpoint, task, route, tier, provider, model, \
+    input_tokens, output_tokens, cost_usd, counterfactual_usd, price_version, queue_ms, prefill_ms, \
+    decode_ms, upstream_ms, total_ms, confidence, escalation, kept_local, status, error, prompt, completion";
+
+/// Converts a token count for SQLite, whose integers are signed 64-bit.
+fn sql_count(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Reads a token count back; a negative value, which tierd never writes, reads as 0.
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        id: row.get(0)?,
+        time_ms: row.get(1)?,
+        client: row.get(2)?,
+        workflow: row.get(3)?,
+        endpoint: row.get(4)?,
+        task: row.get(5)?,
+        route: row.get(6)?,
+        tier: row.get(7)?,
+        provider: row.get(8)?,
+        model: row.get(9)?,
+        input_tokens: count(row.get(10)?),
+        output_tokens: count(row.get(11)?),
+        cost_usd: row.get(12)?,
+        counterfactual_usd: row.get(13)?,
+        price_version: row.get(14)?,
+        queue_ms: row.get(15)?,
+        prefill_ms: row.get(16)?,
+        decode_ms: row.get(17)?,
+        upstream_ms: row.get(18)?,
+        total_ms: row.get(19)?,
+        confidence: row.get(20)?,
+        escalation: row.get(21)?,
+        kept_local: row.get(22)?,
+        status: row.get(23)?,
+        error: row.get(24)?,
+        prompt: row.get(25)?,
+        completion: row.get(26)?,
+    })
+}
+
+impl AuditStore for SqliteStore {
+    fn write_batch(&mut self, records: &[AuditRecord]) -> Result<(), AuditError> {
+        let path = self.path.clone();
+        let error = |source| AuditError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let transaction = self.connection.transaction().map_err(error)?;
+        {
+            let sql = format!(
+                "INSERT INTO requests ({COLUMNS}) VALUES \
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, \
+                  ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
+            );
+            let mut insert = transaction.prepare_cached(&sql).map_err(error)?;
+            for r in records {
+                insert
+                    .execute(params![
+                        r.id,
+                        r.time_ms,
+                        r.client,
+                        r.workflow,
+                        r.endpoint,
+                        r.task,
+                        r.route,
+                        r.tier,
+                        r.provider,
+                        r.model,
+                        sql_count(r.input_tokens),
+                        sql_count(r.output_tokens),
+                        r.cost_usd,
+                        r.counterfactual_usd,
+                        r.price_version,
+                        r.queue_ms,
+                        r.prefill_ms,
+                        r.decode_ms,
+                        r.upstream_ms,
+                        r.total_ms,
+                        r.confidence,
+                        r.escalation,
+                        r.kept_local,
+                        r.status,
+                        r.error,
+                        r.prompt,
+                        r.completion,
+                    ])
+                    .map_err(error)?;
+            }
+        }
+        transaction.commit().map_err(error)
+    }
+
+    fn records_since(&self, since_ms: i64) -> Result<Vec<AuditRecord>, AuditError> {
+        let sql = format!("SELECT {COLUMNS} FROM requests WHERE time_ms >= ?1 ORDER BY time_ms, rowid");
+        let mut query = self.connection.prepare(&sql).map_err(|e| self.error(e))?;
+        let rows = query.query_map([since_ms], read_row).map_err(|e| self.error(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.error(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, time_ms: i64) -> AuditRecord {
+        AuditRecord {
+            id: id.into(),
+            time_ms,
+            workflow: Some("support".into()),
+            endpoint: "/v1/chat/completions".into(),
+            tier: 3,
+            provider: "local".into(),
+            model: "qwen".into(),
+            input_tokens: 12,
+            output_tokens: 5,
+            price_version: "v1".into(),
+            total_ms: 81.5,
+            confidence: Some(0.91),
+            status: 200,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_the_file() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = dir.path().join("audit.db");
+        let mut store = SqliteStore::open(&path).expect("open");
+        let records = vec![record("a", 1_000), record("b", 2_000)];
+        store.write_batch(&records).expect("write");
+        drop(store);
+
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(store.records_since(0).expect("read"), records);
+        assert_eq!(store.records_since(1_500).expect("read").len(), 1);
+        assert_eq!(store.record("b").expect("read"), Some(records[1].clone()));
+        assert_eq!(store.record("c").expect("read"), None);
+    }
+
+    #[test]
+    fn newer_schema_is_rejected() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = dir.path().join("audit.db");
+        let connection = Connection::open(&path).expect("open");
+        connection.pragma_update(None, "user_version", 99).expect("set version");
+        drop(connection);
+        let error = SqliteStore::open(&path).err().expect("newer schema");
+        assert!(matches!(error, AuditError::NewerSchema { found: 99, .. }), "{error}");
+    }
+}

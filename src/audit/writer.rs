@@ -1,0 +1,237 @@
+//! `AuditWriter`: a bounded queue in front of the audit store, drained by one thread that
+//! writes records in batches. Queueing never blocks: a full queue drops the record and counts it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::record::AuditRecord;
+use super::store::AuditStore;
+
+/// Records written in one transaction at most.
+const MAX_BATCH: usize = 256;
+
+/// Pause between retries of a failed batch write.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Attempts at writing one batch before its records are counted as lost.
+const WRITE_ATTEMPTS: u32 = 5;
+
+enum Message {
+    Record(Box<AuditRecord>),
+    /// Write everything queued before this message, then signal on the channel.
+    Flush(mpsc::Sender<()>),
+}
+
+/// Counters of the writer, shared with metrics.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Records accepted into the queue.
+    pub queued: AtomicU64,
+    /// Records written to the store.
+    pub written: AtomicU64,
+    /// Records rejected because the queue was full.
+    pub dropped_full: AtomicU64,
+    /// Records lost because the store failed to write them.
+    pub failed: AtomicU64,
+}
+
+impl WriterStats {
+    /// Returns the records accepted but not yet written or lost.
+    pub fn lag(&self) -> u64 {
+        let done = self.written.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed);
+        self.queued.load(Ordering::Relaxed).saturating_sub(done)
+    }
+}
+
+/// The sending side of the audit queue. Cloning is cheap; the thread stops when every clone
+/// has been dropped, after writing what is queued.
+#[derive(Clone)]
+pub struct AuditWriter {
+    sender: SyncSender<Message>,
+    stats: Arc<WriterStats>,
+}
+
+impl AuditWriter {
+    /// Starts the writer thread over `store`, with room for `capacity` queued records.
+    pub fn spawn(store: Box<dyn AuditStore>, capacity: usize) -> std::io::Result<(Self, JoinHandle<()>)> {
+        let (sender, receiver) = mpsc::sync_channel(capacity);
+        let stats = Arc::new(WriterStats::default());
+        let thread_stats = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("tierd-audit".into())
+            .spawn(move || run(store, receiver, &thread_stats))?;
+        Ok((Self { sender, stats }, handle))
+    }
+
+    pub fn stats(&self) -> &Arc<WriterStats> {
+        &self.stats
+    }
+
+    /// Queues `record` without waiting. A full queue drops it, counts it and logs a warning,
+    /// because serving must not stall behind the disk.
+    pub fn record(&self, record: AuditRecord) {
+        match self.sender.try_send(Message::Record(Box::new(record))) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(Message::Record(record))) => {
+                let dropped = self.stats.dropped_full.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(request_id = %record.id, dropped_total = dropped, "audit queue is full; the record was dropped");
+            }
+            Err(TrySendError::Full(Message::Flush(_))) => {}
+            Err(TrySendError::Disconnected(_)) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("the audit writer has stopped; the record was lost");
+            }
+        }
+    }
+
+    /// Waits until every record queued before this call is written or counted as lost.
+    /// Blocking; returns false when the writer has stopped.
+    pub fn flush(&self) -> bool {
+        let (done, wait) = mpsc::channel();
+        if self.sender.send(Message::Flush(done)).is_err() {
+            return false;
+        }
+        wait.recv().is_ok()
+    }
+}
+
+fn run(mut store: Box<dyn AuditStore>, receiver: Receiver<Message>, stats: &WriterStats) {
+    let mut batch: Vec<AuditRecord> = Vec::with_capacity(MAX_BATCH);
+    let mut flushes = Vec::new();
+    loop {
+        // Wait for the first message, then take whatever else is already queued.
+        let first = match receiver.recv() {
+            Ok(message) => message,
+            Err(_) => break,
+        };
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Record(record) => batch.push(*record),
+                Message::Flush(done) => flushes.push(done),
+            }
+            if batch.len() >= MAX_BATCH {
+                break;
+            }
+            next = receiver.try_recv().ok();
+        }
+        write(store.as_mut(), &mut batch, stats);
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+    write(store.as_mut(), &mut batch, stats);
+    tracing::info!(
+        written = stats.written.load(Ordering::Relaxed),
+        dropped_full = stats.dropped_full.load(Ordering::Relaxed),
+        failed = stats.failed.load(Ordering::Relaxed),
+        "audit writer stopped"
+    );
+}
+
+/// Writes `batch`, retrying a failed transaction a few times before counting its records lost.
+fn write(store: &mut dyn AuditStore, batch: &mut Vec<AuditRecord>, stats: &WriterStats) {
+    if batch.is_empty() {
+        return;
+    }
+    for attempt in 1..=WRITE_ATTEMPTS {
+        match store.write_batch(batch) {
+            Ok(()) => {
+                stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                batch.clear();
+                return;
+            }
+            Err(error) if attempt < WRITE_ATTEMPTS => {
+                tracing::warn!(%error, attempt, records = batch.len(), "failed to write audit records; retrying");
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            Err(error) => {
+                tracing::error!(%error, records = batch.len(), "failed to write audit records; they are lost");
+                stats.failed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                batch.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::store::AuditError;
+    use std::sync::Mutex;
+
+    /// A store that keeps records in memory, and blocks its writes while `gate` is held.
+    #[derive(Clone, Default)]
+    struct MemoryStore {
+        records: Arc<Mutex<Vec<AuditRecord>>>,
+        batches: Arc<Mutex<Vec<usize>>>,
+        gate: Arc<Mutex<()>>,
+    }
+
+    impl AuditStore for MemoryStore {
+        fn write_batch(&mut self, records: &[AuditRecord]) -> Result<(), AuditError> {
+            let _open = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+            self.batches.lock().unwrap_or_else(|p| p.into_inner()).push(records.len());
+            self.records.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(records);
+            Ok(())
+        }
+
+        fn records_since(&self, _since_ms: i64) -> Result<Vec<AuditRecord>, AuditError> {
+            Ok(self.records.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        }
+    }
+
+    fn record(id: usize) -> AuditRecord {
+        AuditRecord {
+            id: id.to_string(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn queued_records_are_written_in_batches() {
+        let store = MemoryStore::default();
+        let gate = store.gate.lock().expect("gate");
+        let (writer, thread) = AuditWriter::spawn(Box::new(store.clone()), 1_000).expect("spawn");
+        for id in 0..600 {
+            writer.record(record(id));
+        }
+        // The writer was blocked, so the records waited together and go out in full batches.
+        drop(gate);
+        assert!(writer.flush());
+        drop(writer);
+        thread.join().expect("writer thread");
+
+        let written = store.records.lock().expect("records");
+        let ids: Vec<String> = written.iter().map(|r| r.id.clone()).collect();
+        assert_eq!(ids, (0..600).map(|id| id.to_string()).collect::<Vec<_>>());
+        let batches = store.batches.lock().expect("batches");
+        assert!(batches.iter().all(|&size| size <= MAX_BATCH), "{batches:?}");
+        assert!(batches.len() < 600, "records were written one at a time: {batches:?}");
+    }
+
+    #[test]
+    fn full_queue_drops_and_counts() {
+        let store = MemoryStore::default();
+        let gate = store.gate.lock().expect("gate");
+        let (writer, thread) = AuditWriter::spawn(Box::new(store.clone()), 4).expect("spawn");
+        for id in 0..50 {
+            writer.record(record(id));
+        }
+        let dropped = writer.stats().dropped_full.load(Ordering::Relaxed);
+        assert!(dropped > 0, "a queue of 4 took 50 records while its writer was blocked");
+        drop(gate);
+        assert!(writer.flush());
+        let stats = writer.stats().clone();
+        drop(writer);
+        thread.join().expect("writer thread");
+        let written = store.records.lock().expect("records").len() as u64;
+        assert_eq!(written + dropped, 50);
+        assert_eq!(stats.lag(), 0);
+    }
+}

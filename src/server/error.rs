@@ -93,6 +93,13 @@ impl ApiError {
         error
     }
 
+    /// 502: a remote provider failed, or returned an answer that cannot be used.
+    pub fn bad_gateway(message: impl Into<String>, code: &'static str) -> Self {
+        let mut error = Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message);
+        error.code = Some(code);
+        error
+    }
+
     /// 500 with a fixed message; the cause goes to the log only, so internals do not leak.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

@@ -144,6 +144,11 @@ impl MockProvider {
         requests[0].clone()
     }
 
+    /// Returns the number of responses dropped unfinished so far.
+    pub fn closed_early(&self) -> usize {
+        self.state.closed_early.load(Ordering::SeqCst)
+    }
+
     /// Waits up to `limit` until `count` responses were dropped unfinished, which happens when
     /// the client closes the connection; returns whether that happened in time.
     pub async fn wait_for_closed(&self, count: usize, limit: Duration) -> bool {

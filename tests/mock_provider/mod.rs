@@ -145,6 +145,8 @@ impl MockProvider {
     }
 
     /// Returns the number of responses dropped unfinished so far.
+    // Not every test binary that includes this module calls it.
+    #[allow(dead_code)]
     pub fn closed_early(&self) -> usize {
         self.state.closed_early.load(Ordering::SeqCst)
     }

@@ -76,6 +76,14 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also ask this remote model (PROVIDER/MODEL of the config's [[provider]] tables) for
+        /// the label of every example, and report accuracy, local share and cost per threshold.
+        #[arg(long, value_name = "PROVIDER/MODEL")]
+        escalate_to: Option<String>,
+        /// Comma-separated confidence thresholds of the tables
+        /// [default: 0,0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.97,0.99].
+        #[arg(long, value_delimiter = ',')]
+        thresholds: Option<Vec<f64>>,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -162,6 +170,8 @@ fn main() -> anyhow::Result<()> {
             backend,
             limit,
             json,
+            escalate_to,
+            thresholds,
             common,
         } => {
             let config = common.load()?;
@@ -171,6 +181,8 @@ fn main() -> anyhow::Result<()> {
                 backend,
                 limit,
                 json,
+                escalate_to,
+                thresholds,
             };
             commands::eval::run(&config, &args)
         }

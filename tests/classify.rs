@@ -6,19 +6,9 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
-
-extern "C" fn kill_server() {
-    if let Some(Ok(server)) = SERVER.get() {
-        server.kill();
-    }
-}
 
 /// Tasks added to the built-in ones. `gemma_sentiment` scores labels with the base model in
 /// plain format, and `strict` rejects inputs over 8 tokens. `chained` runs a head trained on
@@ -71,24 +61,14 @@ model = "smollm2-135m-instruct"
 "#;
 
 fn server() -> &'static Server {
-    let started = SERVER.get_or_init(|| {
-        let config = format!(
+    own_server("classify", || {
+        format!(
             "[server]\nqueue_capacity = 8\n\n{}\n{}\n{}\n{TASKS}",
             model_table(QWEN, None),
             model_table(SMOLLM, None),
             model_table(GEMMA, Some(GEMMA_CONTEXT)),
-        );
-        let server = Server::try_start("classify", &config)?;
-        // SAFETY: registers a plain function with no captured state.
-        if unsafe { libc::atexit(kill_server) } != 0 {
-            return Err("atexit failed, so the server would outlive the tests".into());
-        }
-        Ok(server)
-    });
-    match started {
-        Ok(server) => server,
-        Err(message) => panic!("the server failed to start: {message}"),
-    }
+        )
+    })
 }
 
 async fn classify(task: &str, input: Value) -> Value {

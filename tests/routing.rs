@@ -509,8 +509,8 @@ async fn failed_chain_answers_locally_or_with_502() {
         fixture().mock.push(error.clone());
     }
     let reply = chat("no-fallback", OPEN_PROMPT, &[], json!({})).await;
-    assert_api_error(&reply, StatusCode::BAD_GATEWAY, "server_error", None, "fragile");
-    assert_eq!(reply.json()["error"]["code"], "upstream_failed");
+    assert_api_error(&reply, StatusCode::BAD_GATEWAY, "upstream_error", None, "fragile");
+    assert_eq!(reply.json()["error"]["code"], "provider_failed");
     assert_eq!(request_count(), before + 3);
 
     // One success resets the breaker's count of consecutive failures before the next test.

@@ -18,6 +18,7 @@ use super::prompt::{interleave_examples, PromptLabel, PromptTask, PromptTemplate
 use super::task_config::{BackendConfig, LabelConfig, Overflow, PromptFormat, TaskConfig};
 use super::train::TrainOptions;
 use crate::registry::Registry;
+use crate::routing::config::EscalationConfig;
 
 /// A label as `/v1/tasks` lists it.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +36,8 @@ pub struct Task {
     pub max_input_tokens: usize,
     pub on_overflow: Overflow,
     pub backends: Vec<Backend>,
+    /// Remote models asked for the label of a result below the threshold.
+    pub escalate: Option<EscalationConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -353,6 +356,7 @@ impl Task {
             max_input_tokens: config.max_input_tokens,
             on_overflow: config.on_overflow,
             backends,
+            escalate: config.escalate.clone(),
         })
     }
 }

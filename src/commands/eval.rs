@@ -1,5 +1,6 @@
 //! `tierd eval`: runs a task on labelled JSONL data and reports accuracy, macro-F1,
-//! expected calibration error, and accuracy against coverage per confidence threshold.
+//! expected calibration error, and accuracy against coverage per confidence threshold. With
+//! `--escalate-to`, it also reports accuracy and cost of escalating to a remote model.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,6 +14,8 @@ use crate::classify::metrics::{
 };
 use crate::config::Config;
 
+use super::escalation_eval::{self, EscalationReport, EscalationTarget};
+
 pub struct EvalArgs {
     pub task: String,
     pub data: Vec<PathBuf>,
@@ -21,7 +24,14 @@ pub struct EvalArgs {
     /// Evaluate only the first this many examples.
     pub limit: Option<usize>,
     pub json: bool,
+    /// Remote model (`provider/model`) asked for the label of every example.
+    pub escalate_to: Option<String>,
+    /// Confidence thresholds of the tables; `DEFAULT_THRESHOLDS` when not set.
+    pub thresholds: Option<Vec<f64>>,
 }
+
+/// Thresholds of the tables when `--thresholds` is not given.
+pub const DEFAULT_THRESHOLDS: [f64; 10] = [0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99];
 
 /// Inputs sent to the task in one call.
 const BATCH: usize = 64;
@@ -49,10 +59,21 @@ pub struct EvalReport {
     pub inputs_per_second: f64,
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<EscalationReport>,
 }
 
 pub fn run(config: &Config, args: &EvalArgs) -> anyhow::Result<()> {
+    let thresholds = args.thresholds.clone().unwrap_or_else(|| DEFAULT_THRESHOLDS.to_vec());
+    if let Some(bad) = thresholds.iter().find(|t| !(0.0..=1.0).contains(*t)) {
+        bail!("--thresholds: {bad} is not a confidence from 0 to 1");
+    }
     let task_config = super::task_config(config, &args.task)?;
+    let target = args
+        .escalate_to
+        .as_deref()
+        .map(|target| EscalationTarget::new(config, target))
+        .transpose()?;
     if let Some(index) = args.backend {
         if index >= task_config.backends.len() {
             bail!(
@@ -131,7 +152,17 @@ pub fn run(config: &Config, args: &EvalArgs) -> anyhow::Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let thresholds: Vec<f64> = [0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99].to_vec();
+    let escalation = match &target {
+        Some(target) => Some(escalation_eval::evaluate(
+            target,
+            &task,
+            &examples,
+            &predictions,
+            &thresholds,
+            &runtime,
+        )?),
+        None => None,
+    };
     let report = EvalReport {
         task: task.name.clone(),
         data: args.data.iter().map(|p| p.display().to_string()).collect(),
@@ -151,6 +182,7 @@ pub fn run(config: &Config, args: &EvalArgs) -> anyhow::Result<()> {
         inputs_per_second: predictions.len() as f64 / seconds.max(1e-9),
         prompt_tokens,
         cached_tokens,
+        escalation,
     };
 
     if args.json {
@@ -178,6 +210,10 @@ fn print_report(report: &EvalReport) {
     print_rows("answers kept at each confidence threshold:", &report.by_threshold);
     println!();
     print_rows("the most confident share of answers:", &report.by_coverage);
+    if let Some(escalation) = &report.escalation {
+        println!();
+        escalation_eval::print_report(escalation);
+    }
 }
 
 fn print_rows(title: &str, rows: &[CoverageRow]) {

@@ -1,5 +1,6 @@
 //! Offline commands that use a task without the HTTP server: `tierd train` and `tierd eval`.
 
+pub mod escalation_eval;
 pub mod eval;
 pub mod train;
 

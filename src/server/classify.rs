@@ -1,25 +1,40 @@
 //! `POST /v1/classify` and `GET /v1/tasks`: classification with the configured tasks.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::classify_escalation::{EscalationReport, Escalator, Outcome};
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::AppState;
 use crate::classify::backend::BackendError;
-use crate::classify::task::{ClassifyResult, ClassifyUsage, LabelInfo};
+use crate::classify::task::{ClassifyResult, ClassifyUsage, LabelInfo, ResultTimings};
 use crate::classify::ClassifyError;
+use crate::routing::criteria::{Criteria, CriteriaFields};
+use crate::routing::gate::KeptLocal;
 
 /// Inputs accepted in one request; larger batches should be split by the client.
 const MAX_INPUTS: usize = 2048;
+
+/// Number of results that a remote model labelled.
+static ESCALATED_HEADER: HeaderName = HeaderName::from_static("x-tierd-escalated");
+/// Number of results below the threshold that the gate kept local.
+static KEPT_LOCAL_HEADER: HeaderName = HeaderName::from_static("x-tierd-kept-local");
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifyRequest {
     pub task: String,
     pub input: Input,
+    /// Routing criteria, the same as the `X-Tierd-*` headers.
+    #[serde(default)]
+    pub tierd: Option<CriteriaFields>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,14 +48,74 @@ pub enum Input {
 pub struct ClassifyResponse {
     pub object: &'static str,
     pub task: String,
-    pub results: Vec<ClassifyResult>,
+    pub results: Vec<ServedResult>,
     pub usage: ClassifyUsage,
+}
+
+/// One result as the endpoint returns it: the local backend's, or with `label` picked by a
+/// remote model.
+#[derive(Debug, Serialize)]
+pub struct ServedResult {
+    pub index: usize,
+    pub label: String,
+    /// Probability of `label` from the local backend; null when a remote model picked `label`,
+    /// because providers report no probability.
+    pub confidence: Option<f64>,
+    /// Probability of every label from the local backend, also when the result escalated.
+    pub scores: HashMap<String, f64>,
+    /// Local backend and model that produced `scores`.
+    pub backend: &'static str,
+    pub model: String,
+    /// True when the local confidence is below the threshold: the request's `min_confidence`,
+    /// or else the task's.
+    pub below_threshold: bool,
+    pub truncated: bool,
+    pub input_tokens: usize,
+    pub timings: ResultTimings,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<EscalationReport>,
+    /// Reason that a result below the threshold was not escalated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_local: Option<KeptLocal>,
+}
+
+impl ServedResult {
+    fn new(result: ClassifyResult, threshold: f64, outcome: Outcome) -> Self {
+        let mut served = Self {
+            index: result.index,
+            label: result.label,
+            confidence: Some(result.confidence),
+            scores: result.scores,
+            backend: result.backend,
+            model: result.model,
+            below_threshold: result.confidence < threshold,
+            truncated: result.truncated,
+            input_tokens: result.input_tokens,
+            timings: result.timings,
+            escalation: None,
+            kept_local: None,
+        };
+        match outcome {
+            Outcome::Local => {}
+            Outcome::KeptLocal(reason) => served.kept_local = Some(reason),
+            Outcome::Escalated { label, report } => {
+                served.label = label;
+                served.confidence = None;
+                served.escalation = Some(report);
+            }
+        }
+        served
+    }
 }
 
 pub async fn classify(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<ClassifyRequest>,
-) -> Result<axum::Json<ClassifyResponse>, ApiError> {
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let criteria = Criteria::from_request(&headers, request.tierd.as_ref())
+        .map_err(|error| ApiError::invalid_request(error.message, Some(&error.param)))?;
     let tasks = state.tasks()?;
     let task = tasks.get(&request.task).ok_or_else(|| {
         ApiError::not_found(
@@ -60,22 +135,57 @@ pub async fn classify(
         ));
     }
     let count = inputs.len();
+    // Only an escalation needs the texts after the local classification.
+    let texts = if task.escalate.is_some() { inputs.clone() } else { Vec::new() };
     let classification = task.clone().classify(inputs).await.map_err(classify_error)?;
-    let escalations = classification.results.iter().filter(|r| r.below_threshold).count();
+
+    let threshold = criteria.min_confidence.unwrap_or(task.threshold);
+    let outcomes = match &task.escalate {
+        Some(escalate) => {
+            let escalator = Escalator {
+                task: &task,
+                escalate,
+                upstreams: &state.upstreams,
+                criteria,
+                arrived,
+                threshold,
+            };
+            escalator.run(&classification.results, &texts).await?
+        }
+        None => classification.results.iter().map(|_| Outcome::Local).collect(),
+    };
+    let escalated = outcomes.iter().filter(|o| matches!(o, Outcome::Escalated { .. })).count();
+    let kept_local = outcomes.iter().filter(|o| matches!(o, Outcome::KeptLocal(_))).count();
+    let results: Vec<ServedResult> = classification
+        .results
+        .into_iter()
+        .zip(outcomes)
+        .map(|(result, outcome)| ServedResult::new(result, threshold, outcome))
+        .collect();
     tracing::info!(
         task = %task.name,
         inputs = count,
-        below_threshold = escalations,
+        below_threshold = results.iter().filter(|r| r.below_threshold).count(),
+        escalated,
+        kept_local,
         prompt_tokens = classification.usage.prompt_tokens,
-        ms = classification.elapsed.as_millis() as u64,
+        ms = arrived.elapsed().as_millis() as u64,
         "classification finished"
     );
-    Ok(axum::Json(ClassifyResponse {
+
+    let mut response = axum::Json(ClassifyResponse {
         object: "classification",
         task: task.name.clone(),
-        results: classification.results,
+        results,
         usage: classification.usage,
-    }))
+    })
+    .into_response();
+    if task.escalate.is_some() {
+        let headers = response.headers_mut();
+        headers.insert(ESCALATED_HEADER.clone(), HeaderValue::from(escalated));
+        headers.insert(KEPT_LOCAL_HEADER.clone(), HeaderValue::from(kept_local));
+    }
+    Ok(response)
 }
 
 pub(super) fn classify_error(error: ClassifyError) -> ApiError {

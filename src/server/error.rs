@@ -82,13 +82,6 @@ impl ApiError {
         error
     }
 
-    /// 502: a provider that the request escalated to gave no usable answer.
-    pub fn bad_gateway(message: impl Into<String>, code: &'static str) -> Self {
-        let mut error = Self::new(StatusCode::BAD_GATEWAY, "server_error", message);
-        error.code = Some(code);
-        error
-    }
-
     pub fn loading() -> Self {
         let mut error = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -97,6 +90,13 @@ impl ApiError {
         );
         error.code = Some("model_loading");
         error.retry_after = Some(1);
+        error
+    }
+
+    /// 502: a remote provider failed, or returned an answer that cannot be used.
+    pub fn bad_gateway(message: impl Into<String>, code: &'static str) -> Self {
+        let mut error = Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message);
+        error.code = Some(code);
         error
     }
 

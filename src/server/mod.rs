@@ -1,11 +1,13 @@
 //! The HTTP server: an OpenAI-compatible API over the served models.
 //!
-//! `chat` and `completions` contain the two generation endpoints, and `models` the listing and
+//! `chat` and `completions` contain the two generation endpoints, `classify` the classification
+//! endpoints with `classify_escalation` for their remote answers, and `models` the listing and
 //! health routes. `json` and `error` turn bad input into OpenAI-style errors, and `params`
 //! validates the sampling fields that both endpoints share.
 
 mod chat;
 mod classify;
+mod classify_escalation;
 mod completions;
 pub mod error;
 mod json;

@@ -256,7 +256,7 @@ impl Routed<'_> {
                     self.route.name(),
                     self.served.failed.join("; ")
                 ),
-                "upstream_failed",
+                "provider_failed",
             ));
         }
         self.keep_local(kept, answer).await

@@ -274,6 +274,33 @@ fn shared_server() -> &'static Server {
     }
 }
 
+/// The server of [`own_server`], or why it failed to start.
+static OWN_SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+
+extern "C" fn kill_own_server() {
+    if let Some(Ok(server)) = OWN_SERVER.get() {
+        server.kill();
+    }
+}
+
+/// Returns the server that this test binary runs with its own configuration, starting it on the
+/// first call with the config that `config` returns. An `atexit` hook kills it when the binary
+/// exits, as it does the shared server.
+pub fn own_server(name: &str, config: impl FnOnce() -> String) -> &'static Server {
+    let started = OWN_SERVER.get_or_init(|| {
+        let server = Server::try_start(name, &config())?;
+        // SAFETY: registers a plain function with no captured state.
+        if unsafe { libc::atexit(kill_own_server) } != 0 {
+            return Err("atexit failed, so the server would outlive the tests".into());
+        }
+        Ok(server)
+    });
+    match started {
+        Ok(server) => server,
+        Err(message) => panic!("the server `{name}` failed to start: {message}"),
+    }
+}
+
 /// Returns the shared server, for a test that may run alongside others.
 pub fn shared() -> (&'static Server, RwLockReadGuard<'static, ()>) {
     let guard = EXCLUSIVE.read().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -146,7 +146,7 @@ impl MockProvider {
         requests[0].clone()
     }
 
-    /// Returns how many responses were dropped unfinished so far.
+    /// Returns the number of responses dropped unfinished so far.
     pub fn closed_early(&self) -> usize {
         self.state.closed_early.load(Ordering::SeqCst)
     }

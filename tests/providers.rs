@@ -592,3 +592,23 @@ async fn invalid_config_is_rejected() {
     let error = Provider::new(config).expect_err("invalid base_url");
     assert!(matches!(&error, ProviderError::InvalidConfig(message) if message.contains("base_url")), "{error:?}");
 }
+
+#[tokio::test]
+async fn echoed_key_is_scrubbed_from_errors() {
+    for kind in KINDS {
+        let mock = MockProvider::start().await;
+        let key = match kind {
+            Kind::OpenAi => OPENAI_KEY,
+            Kind::Anthropic => ANTHROPIC_KEY,
+        };
+        mock.push(Script::Status {
+            status: 401,
+            body: format!(r#"{{"error":{{"message":"Incorrect API key provided: {key}","type":"invalid_request_error"}}}}"#),
+            retry_after: None,
+        });
+        let error = provider(kind, &mock).chat("frontier", &simple_request()).await.expect_err("401");
+        let text = error.to_string();
+        assert!(!text.contains(key), "{kind:?}: the key leaked into the error: {text}");
+        assert!(text.contains("<redacted>"), "{kind:?}: {text}");
+    }
+}

@@ -90,7 +90,7 @@ impl Provider {
             .await
             .map_err(|_| total_timeout())?
             .map_err(|e| ProviderError::from_send(e, self.config.timeouts.connect()))?;
-        let mut response = check_status(response, deadline).await?;
+        let mut response = check_status(response, deadline, self.api_key.as_ref()).await?;
 
         let mut body = Vec::new();
         let mut first_byte = None;
@@ -165,7 +165,7 @@ impl Provider {
             Err(_) => return Err(first_timeout),
             Ok(result) => result.map_err(|e| ProviderError::from_send(e, timeouts.connect()))?,
         };
-        let mut response = check_status(response, total_deadline).await?;
+        let mut response = check_status(response, total_deadline, self.api_key.as_ref()).await?;
         check_event_stream(&response)?;
 
         let first_chunk = match timeout_at(first_deadline, response.chunk()).await {
@@ -226,7 +226,11 @@ impl Provider {
 
 /// Turns a response with a status other than 2xx into `ProviderError::Status`, reading at most
 /// `MAX_ERROR_BODY_BYTES` of its body before `deadline`.
-async fn check_status(mut response: reqwest::Response, deadline: Instant) -> Result<reqwest::Response, ProviderError> {
+async fn check_status(
+    mut response: reqwest::Response,
+    deadline: Instant,
+    key: Option<&ApiKey>,
+) -> Result<reqwest::Response, ProviderError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -244,9 +248,10 @@ async fn check_status(mut response: reqwest::Response, deadline: Instant) -> Res
     }
     body.truncate(MAX_ERROR_BODY_BYTES);
 
+    let message = status_message(&body);
     Err(ProviderError::Status {
         status,
-        message: status_message(&body),
+        message: key.map_or_else(|| message.clone(), |key| key.scrub(&message)),
         retry_after,
     })
 }

@@ -6,7 +6,11 @@ use super::ProviderError;
 
 /// An API key in the form one provider's auth header takes, such as `Bearer sk-...`.
 #[derive(Clone)]
-pub struct ApiKey(HeaderValue);
+pub struct ApiKey {
+    header: HeaderValue,
+    /// The bare key, to remove it from error text that a provider echoes back.
+    secret: String,
+}
 
 impl ApiKey {
     /// Reads the key from environment variable `var` and builds the header value
@@ -28,11 +32,20 @@ impl ApiKey {
             ))
         })?;
         value.set_sensitive(true);
-        Ok(Self(value))
+        Ok(Self {
+            header: value,
+            secret: key.to_string(),
+        })
     }
 
     pub(super) fn header_value(&self) -> HeaderValue {
-        self.0.clone()
+        self.header.clone()
+    }
+
+    /// Replaces every occurrence of the key in `text` with `<redacted>`. A provider that
+    /// rejects a key may quote it in its error body, which ends up in logs and responses.
+    pub fn scrub(&self, text: &str) -> String {
+        text.replace(&self.secret, "<redacted>")
     }
 }
 

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::classify::task_config::builtin_tasks;
 use crate::classify::TaskConfig;
+use crate::audit::config::{AuditConfig, PricingConfig};
 use crate::manifest::{Manifest, ManifestError, ModelSource};
 use crate::providers::{validate_providers, ProviderConfig};
 use crate::routing::config::{ResilienceSettings, RouteConfig};
@@ -42,6 +43,10 @@ pub struct Config {
     /// Model names such as `auto` whose chat requests are routed between tiers.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub pricing: PricingConfig,
 }
 
 fn default_true() -> bool {
@@ -139,6 +144,8 @@ impl Default for Config {
             providers: Vec::new(),
             resilience: ResilienceSettings::default(),
             routes: Vec::new(),
+            audit: AuditConfig::default(),
+            pricing: PricingConfig::default(),
         }
     }
 }

@@ -8,8 +8,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tierd::classify::setup::load_tasks;
 use tierd::commands::{self, eval::EvalArgs, train::TrainArgs};
+use tierd::audit::handle::AuditSink;
+use tierd::audit::{AuditWriter, SqliteStore};
+use tierd::audit::report::GroupBy;
+use tierd::commands::report::{Format, ReportArgs};
 use tierd::config::Config;
 use tierd::registry::{self, Registry, ServedModel};
+use tierd::routing::config::RouteMode;
 use tierd::routing::route::Route;
 use tierd::routing::upstreams::Upstreams;
 use tierd::server::{self, AppState};
@@ -38,6 +43,9 @@ enum Command {
         /// Folder with models.toml and the fetched models [default: models].
         #[arg(long)]
         models_dir: Option<PathBuf>,
+        /// SQLite file of the audit trail [default: tierd-audit.db, or the config's audit.path].
+        #[arg(long)]
+        audit_db: Option<PathBuf>,
     },
     /// Train a task's embedding head on labelled JSONL data and write it as safetensors.
     Train {
@@ -87,6 +95,23 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Print cost, savings, escalation and latency totals from the audit trail.
+    Report {
+        /// SQLite file of the audit trail.
+        #[arg(long, default_value = "tierd-audit.db")]
+        db: PathBuf,
+        /// Window ending now, such as 7d, 12h or 30m.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        /// Field the rows are grouped by.
+        #[arg(long, value_enum, default_value = "tier")]
+        by: GroupBy,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Workflows listed as the largest token consumers.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -126,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             host,
             port,
             models_dir,
+            audit_db,
         } => {
             let mut config = match config {
                 Some(path) => Config::load(&path)?,
@@ -139,6 +165,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(dir) = models_dir {
                 config.models_dir = dir;
+            }
+            if let Some(path) = audit_db {
+                config.audit.path = path;
             }
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -186,6 +215,19 @@ fn main() -> anyhow::Result<()> {
             };
             commands::eval::run(&config, &args)
         }
+        Command::Report {
+            db,
+            since,
+            by,
+            format,
+            top,
+        } => commands::report::run(&ReportArgs {
+            db,
+            since,
+            by,
+            format,
+            top,
+        }),
     }
 }
 
@@ -219,7 +261,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let queue_capacity = config.server.queue_capacity;
     let encoder_queue_capacity = config.server.encoder_queue_capacity;
-    let state = Arc::new(AppState::new(config, upstreams, routes));
+    let audit = open_audit(&config)?;
+    let state = Arc::new(AppState::new(config, upstreams, routes, audit.clone()));
     let loader_state = state.clone();
     tokio::task::spawn_blocking(move || {
         let mut served = Vec::with_capacity(models.len());
@@ -242,6 +285,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         };
         match load_tasks(tasks, &encoders, registry, encoder_queue_capacity) {
             Ok(tasks) => {
+                for route in loader_state.routes.values() {
+                    let labels: Vec<String> = tasks
+                        .get(&route.config.route_task)
+                        .map(|task| task.labels.iter().map(|l| l.name.clone()).collect())
+                        .unwrap_or_default();
+                    if route.config.mode == RouteMode::PreRoute && labels.is_empty() {
+                        tracing::error!(route = route.name(), task = %route.config.route_task, "the route task did not load; exiting");
+                        std::process::exit(1);
+                    }
+                    if let Err(error) = route.check_route_labels(&labels) {
+                        tracing::error!(%error, "invalid route; exiting");
+                        std::process::exit(1);
+                    }
+                }
                 if loader_state.tasks.set(tasks).is_err() {
                     tracing::error!("tasks were loaded twice");
                 }
@@ -260,8 +317,40 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the HTTP server failed")?;
+    // Every request has finished, so every record is queued: write them before exiting.
+    if let Some(audit) = audit {
+        let stats = audit.writer.stats().clone();
+        tokio::task::spawn_blocking(move || audit.writer.flush())
+            .await
+            .context("the audit flush panicked")?;
+        tracing::info!(
+            written = stats.written.load(std::sync::atomic::Ordering::Relaxed),
+            dropped_full = stats.dropped_full.load(std::sync::atomic::Ordering::Relaxed),
+            "audit trail flushed"
+        );
+    }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Opens the audit database and starts its writer, unless `[audit] enabled = false`.
+fn open_audit(config: &Config) -> anyhow::Result<Option<Arc<AuditSink>>> {
+    let prices = config.pricing.table(&config.providers).map_err(anyhow::Error::msg)?;
+    if !config.audit.enabled {
+        return Ok(None);
+    }
+    if config.audit.queue_capacity == 0 {
+        anyhow::bail!("`audit.queue_capacity` must be at least 1");
+    }
+    let store = SqliteStore::open(&config.audit.path)?;
+    let (writer, _thread) = AuditWriter::spawn(Box::new(store), config.audit.queue_capacity)
+        .context("failed to start the audit writer thread")?;
+    tracing::info!(path = %config.audit.path.display(), "writing the audit trail");
+    Ok(Some(Arc::new(AuditSink {
+        writer,
+        prices,
+        store_text: config.audit.store_text,
+    })))
 }
 
 async fn shutdown_signal() {

@@ -172,10 +172,6 @@ struct Fixture {
 
 static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
 
-/// The mock runs on a runtime of its own, because each test has its own runtime and the mock
-/// must outlive every one of them.
-static MOCK_RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-
 /// Tests share one mock and its script queue, so they take turns.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -187,17 +183,7 @@ extern "C" fn kill_server() {
 
 fn fixture() -> &'static Fixture {
     let started = FIXTURE.get_or_init(|| {
-        let runtime = MOCK_RUNTIME.get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("build the mock's runtime")
-        });
-        let handle = runtime.handle().clone();
-        let mock = std::thread::spawn(move || handle.block_on(MockProvider::start()))
-            .join()
-            .map_err(|_| "the mock provider failed to start".to_string())?;
+        let mock = MockProvider::start_shared()?;
         let server = Server::try_start_with_env("routing", &config(&mock.base_url), &[(KEY_VAR, KEY)])?;
         // SAFETY: registers a plain function with no captured state.
         if unsafe { libc::atexit(kill_server) } != 0 {
@@ -303,6 +289,9 @@ async fn low_confidence_answer_escalates_to_the_mid_tier() {
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].path, "/v1/chat/completions");
     assert_eq!(sent[0].body["model"], "gpt-mini");
+    // The client set no limit, so none is sent and the provider's own default applies.
+    assert!(sent[0].body.get("max_completion_tokens").is_none(), "{:?}", sent[0].body);
+    assert!(sent[0].body.get("max_tokens").is_none(), "{:?}", sent[0].body);
     assert_eq!(sent[0].body["messages"][0]["content"], OPEN_PROMPT);
     assert_eq!(sent[0].headers.get("authorization").map(String::as_str), Some(format!("Bearer {KEY}").as_str()));
     assert!(!fixture().server.log().contains(KEY), "the API key appears in the server log");
@@ -393,6 +382,9 @@ async fn personal_data_keeps_requests_local() {
     let _turn = SERIAL.lock().await;
     let before = request_count();
     let texts = [
+        format!("{COMPLEX} Send the design to jane.doe＠example.com."),
+        format!("{COMPLEX} Send the design to jane.doe@exam\u{200B}ple.com."),
+        format!("{COMPLEX} Bill card ４１１１ １１１１ １１１１ １１１１."),
         format!("{COMPLEX} Send the design to jane.doe@example.com."),
         format!("{COMPLEX} Call me on +852 9123 4567."),
         format!("{COMPLEX} Bill card 4111 1111 1111 1111."),
@@ -405,6 +397,10 @@ async fn personal_data_keeps_requests_local() {
         assert_eq!(header(&reply, "x-tierd-kept-local"), "pii", "{text}: {body}");
         assert!(body["tierd"]["pii"].as_array().is_some_and(|kinds| !kinds.is_empty()), "{body}");
     }
+
+    // Stop sequences reach providers too, so they are scanned as well.
+    let (reply, _) = chat_ok("pre", COMPLEX, &[], json!({"stop": ["jane.doe@example.com"]})).await;
+    assert_eq!(header(&reply, "x-tierd-kept-local"), "pii");
     assert_eq!(request_count(), before, "a request with personal data reached a provider");
 }
 
@@ -606,6 +602,8 @@ async fn anthropic_stream_is_relayed_as_chat_chunks() {
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].path, "/v1/messages");
     assert_eq!(sent[0].body["stream"], true);
+    // Anthropic requires a limit: the provider's `default_max_tokens`, not the server's.
+    assert_eq!(sent[0].body["max_tokens"], 100);
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! The audit trail: one record per request, written in batches by a background thread to a
 //! store (SQLite by default), and the prices its costs are computed with.
 
+pub mod config;
+pub mod handle;
 pub mod pricing;
 pub mod record;
 pub mod report;

@@ -21,7 +21,7 @@ use crate::routing::criteria::Criteria;
 use crate::routing::gate::{self, Candidate};
 use crate::routing::label_escalation::{ask_label, LabelEscalationError};
 use crate::routing::label_prompt::label_request;
-use crate::routing::pii::{find_pii, redact};
+use crate::routing::pii::detect;
 use crate::routing::upstreams::Upstreams;
 
 /// Requests to the remote model in flight at once.
@@ -137,14 +137,14 @@ pub fn evaluate(
     let mut redacted = 0;
     let mut requests = Vec::with_capacity(examples.len());
     for (index, example) in examples.iter().enumerate() {
-        let pii = find_pii(&example.text);
+        let pii = detect(&example.text);
         // Offline runs have no request criteria, so only the PII policy can keep one local.
         match gate::clear(&Criteria::default(), &candidates, !pii.is_empty(), pii_policy, upstreams, Duration::ZERO) {
             Err(_) => kept_local_pii += 1,
             Ok(cleared) => {
                 let text = if cleared.redact {
                     redacted += 1;
-                    redact(&example.text, &pii)
+                    pii.redacted()
                 } else {
                     example.text.clone()
                 };

@@ -1,7 +1,9 @@
-//! Offline commands that use a task without the HTTP server: `tierd train` and `tierd eval`.
+//! Offline commands that run without the HTTP server: `tierd train`, `tierd eval` and
+//! `tierd report`.
 
 pub mod escalation_eval;
 pub mod eval;
+pub mod report;
 pub mod train;
 
 use std::sync::Arc;

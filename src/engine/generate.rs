@@ -1,5 +1,6 @@
 //! The token generation loop for one request: prefill, decode, stop conditions and streaming.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,9 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Number of alternatives per token to report; `None` reports no log-probabilities.
     pub logprobs: Option<usize>,
+    /// Completion tokens generated so far, so that a client that leaves early can still be
+    /// charged for what was generated.
+    pub produced: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +143,7 @@ fn run(
         let values: Vec<f32> = logits.to_vec1().map_err(|e| e.to_string())?;
         let token = sampler.sample(&values, request.logprobs);
         completion_tokens += 1;
+        request.produced.store(completion_tokens, Ordering::Relaxed);
 
         // NOTE: the end-of-turn token counts in `completion_tokens` but gets no logprobs
         // entry, so a finished completion has one entry fewer than its completion tokens.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Usage;
+use crate::audit::Price;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -104,11 +105,16 @@ impl ProviderModel {
         self.upstream.as_deref().unwrap_or(&self.id)
     }
 
+    pub fn price(&self) -> Price {
+        Price {
+            input_per_mtok: self.input_per_mtok,
+            output_per_mtok: self.output_per_mtok,
+        }
+    }
+
     /// Computes the price of a request's tokens in USD.
     pub fn cost_usd(&self, usage: &Usage) -> f64 {
-        (usage.prompt_tokens as f64 * self.input_per_mtok
-            + usage.completion_tokens as f64 * self.output_per_mtok)
-            / 1_000_000.0
+        self.price().cost(usage.prompt_tokens, usage.completion_tokens)
     }
 }
 

@@ -1,16 +1,17 @@
 //! Detection and redaction of personal data (PII) in request text.
 //!
-//! A request in which [`find_pii`] finds anything must not reach a remote provider as it is. The
-//! router serves it with the local model, or sends the output of [`redact`] where the task
-//! allows that.
+//! A request in which [`detect`] finds anything must not reach a remote provider as it is. The
+//! router serves it with the local model, or sends the redacted normalized text where the task
+//! allows that. [`detect`] folds fullwidth forms into ASCII (NFKC) and removes invisible
+//! characters before the detectors run, so `jane＠example.com` and `４１１１…` are found.
 //! The detectors cover e-mail addresses, phone numbers, payment card numbers, Hong Kong identity
 //! card (HKID) numbers and IBANs. Each detector documents its rule and the rule's source.
 //!
 //! Boundaries are ASCII. A match may directly follow or precede non-ASCII text, so the phone
 //! number in `電話91234567` is found, but not an ASCII letter, digit or underscore.
 //!
-//! NOTE: only ASCII digits and letters are detected. Full-width digits (`９１２３ ４５６７`), other
-//! Unicode digits, spelled-out numbers and obfuscations such as `jane at example dot com` pass.
+//! NOTE: digits of other scripts (such as Arabic-Indic), numbers split across lines, spelled-out
+//! numbers and obfuscations such as `jane at example dot com` pass.
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -100,6 +101,40 @@ pub fn find_pii(text: &str) -> Vec<PiiMatch> {
     find_hkids(text, &mut candidates);
     find_ibans(text, &mut candidates);
     merge_overlaps(candidates)
+}
+
+/// Personal data found in a text, with the normalized text that the matches' offsets refer to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detection {
+    pub text: String,
+    pub matches: Vec<PiiMatch>,
+}
+
+impl Detection {
+    pub fn is_empty(&self) -> bool {
+        self.matches.is_empty()
+    }
+
+    /// Returns the normalized text with each match replaced by its placeholder.
+    pub fn redacted(&self) -> String {
+        redact(&self.text, &self.matches)
+    }
+}
+
+/// Characters that render as nothing and would split an item, such as a zero-width space
+/// inside an e-mail address.
+const INVISIBLE: [char; 6] = ['\u{00AD}', '\u{200B}', '\u{200C}', '\u{200D}', '\u{2060}', '\u{FEFF}'];
+
+/// Finds personal data in `text` after NFKC normalization, which folds fullwidth forms such as
+/// `＠` and `４` into ASCII, and after removing invisible characters.
+pub fn detect(text: &str) -> Detection {
+    use unicode_normalization::UnicodeNormalization;
+    let normalized: String = text.nfkc().filter(|c| !INVISIBLE.contains(c)).collect();
+    let matches = find_pii(&normalized);
+    Detection {
+        text: normalized,
+        matches,
+    }
 }
 
 /// Returns `text` with each match replaced by its kind's placeholder, such as `[EMAIL]`.
@@ -1135,6 +1170,16 @@ mod tests {
             serde_json::to_string(&pii).expect("serializes"),
             r#"{"kind":"email","start":0,"end":5}"#
         );
+    }
+
+    #[test]
+    fn fullwidth_and_invisible_characters_are_folded() {
+        for text in ["mail jane.doe＠example.com", "mail jane.doe@exam\u{200B}ple.com", "card ４１１１ １１１１ １１１１ １１１１"] {
+            let found = detect(text);
+            assert_eq!(found.matches.len(), 1, "{text:?}");
+            assert!(!found.redacted().contains("example") && !found.redacted().contains("1111"), "{text:?}");
+        }
+        assert!(detect("no personal data here").is_empty());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `Route`: a `[[route]]` with its remote models parsed, ready to hand out escalation chains.
 
-use super::config::{ModelRef, RouteConfig};
+use super::config::{ModelRef, RouteConfig, RouteMode};
 use super::gate::Candidate;
 
 #[derive(Debug, Clone)]
@@ -19,6 +19,30 @@ impl Route {
             tier1: parse(&config.tier1)?,
             config,
         })
+    }
+
+    /// Checks a pre-routing route's `route_tiers` against the labels of its loaded route task:
+    /// every label needs a tier, and every key must be a label.
+    pub fn check_route_labels(&self, labels: &[String]) -> Result<(), String> {
+        let config = &self.config;
+        if config.mode != RouteMode::PreRoute {
+            return Ok(());
+        }
+        if let Some(unknown) = config.route_tiers.keys().find(|key| !labels.contains(key)) {
+            return Err(format!(
+                "route `{}`: `route_tiers` names `{unknown}`, which is not a label of task `{}` (labels: {})",
+                config.name,
+                config.route_task,
+                labels.join(", ")
+            ));
+        }
+        if let Some(missing) = labels.iter().find(|label| !config.route_tiers.contains_key(*label)) {
+            return Err(format!(
+                "route `{}`: `route_tiers` has no tier for label `{missing}` of task `{}`",
+                config.name, config.route_task
+            ));
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -40,5 +64,26 @@ impl Route {
     /// Returns the models a cascade escalates to, the cheapest remote tier first.
     pub fn cascade_candidates(&self) -> Vec<Candidate> {
         self.candidates(2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(tiers: &str) -> Route {
+        let text = format!("name = \"auto\"\nmode = \"pre_route\"\nlocal = \"qwen\"\nroute_tiers = {tiers}\n");
+        Route::new(toml::from_str(&text).expect("route TOML")).expect("route")
+    }
+
+    #[test]
+    fn route_tiers_must_cover_the_task_labels() {
+        let labels = ["simple".to_string(), "complex".to_string()];
+        assert!(route("{ simple = 3, complex = 1 }").check_route_labels(&labels).is_ok());
+
+        let error = route("{ simple = 3, hard = 1 }").check_route_labels(&labels).unwrap_err();
+        assert!(error.contains("`hard`"), "{error}");
+        let error = route("{ simple = 3 }").check_route_labels(&labels).unwrap_err();
+        assert!(error.contains("`complex`"), "{error}");
     }
 }

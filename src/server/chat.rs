@@ -20,18 +20,24 @@ use super::params::{check_context, reject_unsupported, validate, Validated, MAX_
 use super::served::Served;
 use super::{submit, unix_time, AppState, Collected, Submitted, SYSTEM_FINGERPRINT};
 use crate::engine::{ChatMessage, GenerationEvent, GenerationRequest, TokenLogprob};
+use crate::audit::handle::AuditHandle;
 use crate::registry::ServedModel;
 use crate::routing::criteria::{Criteria, CriteriaError, CriteriaFields};
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     request_id: axum::Extension<super::RequestId>,
+    audit: Option<axum::Extension<AuditHandle>>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let request_id = request_id.0 .0;
+    let audit = audit.map(|handle| handle.0);
+    if let Some(audit) = &audit {
+        audit_request(audit, &body);
+    }
     if let Some(route) = state.routes.get(&body.model) {
-        return super::routed::chat(&state, route, &request_id, &headers, body).await;
+        return super::routed::chat(&state, route, &request_id, audit, &headers, body).await;
     }
     let registry = state.registry()?;
     let served = registry
@@ -41,7 +47,15 @@ pub async fn chat_completions(
     // Criteria only steer routes, but a malformed one is still an error.
     Criteria::from_request(&headers, input.criteria.as_ref()).map_err(criteria_error)?;
 
-    let submitted = submit_chat(&served, input.messages.clone(), &input.params, input.top_logprobs, &request_id).await?;
+    let submitted = submit_chat(
+        &served,
+        input.messages.clone(),
+        &input.params,
+        input.top_logprobs,
+        &request_id,
+        audit,
+    )
+    .await?;
     let info = Served::local(&served.id);
     if input.params.stream {
         let stream = chat_stream(new_id(), served.id.clone(), submitted, input.params.include_usage, info.clone());
@@ -51,13 +65,39 @@ pub async fn chat_completions(
     Ok(completion_response(new_id(), &served.id, collected, input.top_logprobs.is_some(), info))
 }
 
+/// Records the request's workflow (from the OpenAI `user` field when no header set it) and its
+/// prompt.
+fn audit_request(audit: &AuditHandle, body: &ChatCompletionRequest) {
+    let user = body.fields.user.clone();
+    audit.update(|record| {
+        if record.workflow.is_none() {
+            record.workflow = user;
+        }
+    });
+    let prompt: Vec<String> = body
+        .messages
+        .iter()
+        .map(|m| match &m.content {
+            Some(MessageContent::Text(text)) => format!("{}: {text}", m.role),
+            Some(MessageContent::Parts(parts)) => {
+                let text: String = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+                format!("{}: {text}", m.role)
+            }
+            None => format!("{}:", m.role),
+        })
+        .collect();
+    audit.set_prompt(&prompt.join("\n"));
+}
+
 /// A validated chat request, before it is sent to any tier.
 pub(super) struct ChatInput {
     pub messages: Vec<ChatMessage>,
     pub params: Validated,
     /// Alternatives per token the client asked for, when it asked for log-probabilities.
     pub top_logprobs: Option<usize>,
-    /// Sampling fields as the client sent them, passed on to providers unchanged.
+    /// Fields as the client sent them, passed on to providers unchanged, so that a provider's
+    /// own defaults apply to what the client left out.
+    pub max_tokens: Option<u64>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub criteria: Option<CriteriaFields>,
@@ -87,6 +127,7 @@ impl ChatInput {
             (true, count) => Some(count.unwrap_or(0) as usize),
             (false, None) => None,
         };
+        let max_tokens = body.max_completion_tokens.or(body.fields.max_tokens);
         let temperature = body.fields.temperature;
         let top_p = body.fields.top_p;
         let override_max = body
@@ -97,6 +138,7 @@ impl ChatInput {
             messages,
             params,
             top_logprobs,
+            max_tokens,
             temperature,
             top_p,
             criteria: body.tierd,
@@ -120,6 +162,7 @@ pub(super) async fn submit_chat(
     params: &Validated,
     logprobs: Option<usize>,
     request_id: &str,
+    audit: Option<AuditHandle>,
 ) -> Result<Submitted, ApiError> {
     // Tokenizing a multi-megabyte prompt takes long enough to stall the async runtime, so it
     // runs on the blocking pool.
@@ -152,8 +195,9 @@ pub(super) async fn submit_chat(
         sampling: params.sampling.clone(),
         stop: params.stop.clone(),
         logprobs,
+        produced: Default::default(),
     };
-    submit(served, generation)
+    submit(served, generation, audit)
 }
 
 /// Sends `stream` as server-sent events, with `served` in the response headers.
@@ -352,16 +396,19 @@ fn chat_stream(
     async_stream::stream! {
         yield Ok(writer.role());
 
+        let mut completion = String::new();
         while let Some(event) = submitted.events.recv().await {
             match event {
                 GenerationEvent::Delta { text, logprobs } => {
                     let logprobs = (!logprobs.is_empty()).then(|| ChatLogprobs {
                         content: logprobs.iter().map(chat_logprob).collect(),
                     });
+                    completion.push_str(&text);
                     yield Ok(writer.delta(text, logprobs));
                 }
                 GenerationEvent::Finished { reason, prompt_tokens, completion_tokens, timings } => {
                     submitted.log_finished(reason.as_str(), prompt_tokens, completion_tokens, &timings);
+                    submitted.record_finished(prompt_tokens, completion_tokens, &timings, &completion);
                     let usage = Usage::new(prompt_tokens, completion_tokens);
                     for event in writer.finish(Cow::Borrowed(reason.as_str()), Some(usage)) {
                         yield Ok(event);

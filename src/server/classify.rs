@@ -13,6 +13,7 @@ use super::classify_escalation::{EscalationReport, Escalator, Outcome};
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::AppState;
+use crate::audit::handle::AuditHandle;
 use crate::classify::backend::BackendError;
 use crate::classify::task::{ClassifyResult, ClassifyUsage, LabelInfo, ResultTimings};
 use crate::classify::ClassifyError;
@@ -108,12 +109,41 @@ impl ServedResult {
     }
 }
 
+/// Writes what served a classification into its audit record: the local model's tokens, the
+/// most capable tier used, and the cost of any escalation.
+fn audit_results(audit: &AuditHandle, results: &[ServedResult], prompt_tokens: usize) {
+    let first_model = results.first().map(|r| r.model.clone()).unwrap_or_default();
+    let escalations: Vec<&EscalationReport> = results.iter().filter_map(|r| r.escalation.as_ref()).collect();
+    let lowest = results.iter().filter_map(|r| r.confidence).fold(None, |low: Option<f64>, c| Some(low.map_or(c, |l| l.min(c))));
+    let kept_local = results.iter().find_map(|r| r.kept_local).map(|k| k.as_str().to_string());
+    audit.update(|record| {
+        record.tier = 3;
+        record.model = first_model;
+        record.input_tokens = prompt_tokens as u64;
+        record.confidence = lowest;
+        record.kept_local = kept_local;
+        if let Some(most_capable) = escalations.iter().min_by_key(|e| e.tier) {
+            record.tier = most_capable.tier;
+            record.escalation = Some(most_capable.reason.as_str().to_string());
+            // The local model's tokens are priced as local; the escalations add their own cost.
+            record.cost_usd = escalations.iter().map(|e| e.cost_usd).sum();
+            record.upstream_ms = Some(escalations.iter().map(|e| e.ms).sum());
+        }
+    });
+}
+
 pub async fn classify(
     State(state): State<Arc<AppState>>,
+    audit: Option<axum::Extension<AuditHandle>>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<ClassifyRequest>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
+    let audit = audit.map(|handle| handle.0);
+    if let Some(audit) = &audit {
+        let task = request.task.clone();
+        audit.update(|record| record.task = Some(task));
+    }
     let criteria = Criteria::from_request(&headers, request.tierd.as_ref())
         .map_err(|error| ApiError::invalid_request(error.message, Some(&error.param)))?;
     let tasks = state.tasks()?;
@@ -162,6 +192,9 @@ pub async fn classify(
         .zip(outcomes)
         .map(|(result, outcome)| ServedResult::new(result, threshold, outcome))
         .collect();
+    if let Some(audit) = &audit {
+        audit_results(audit, &results, classification.usage.prompt_tokens);
+    }
     tracing::info!(
         task = %task.name,
         inputs = count,

@@ -15,7 +15,7 @@ use crate::routing::criteria::Criteria;
 use crate::routing::gate::{self, Candidate, Escalation, KeptLocal};
 use crate::routing::label_escalation::{ask_label, candidates, LabelAnswer, LabelEscalationError};
 use crate::routing::label_prompt::label_request;
-use crate::routing::pii::{find_pii, redact};
+use crate::routing::pii::detect;
 use crate::routing::resilience::{ChainError, FailureReason, ProviderFailure};
 use crate::routing::upstreams::Upstreams;
 
@@ -94,7 +94,7 @@ impl Escalator<'_> {
             return Ok(Outcome::Local);
         }
         let index = result.index;
-        let pii = find_pii(text);
+        let pii = detect(text);
         let cleared = match gate::clear(
             &self.criteria,
             candidates,
@@ -110,7 +110,7 @@ impl Escalator<'_> {
             }
         };
 
-        let sent = if cleared.redact { redact(text, &pii) } else { text.to_string() };
+        let sent = if cleared.redact { pii.redacted() } else { text.to_string() };
         let task = self.task;
         let request = label_request(&task.name, task.description.as_deref(), &task.labels, &sent);
         let asking = ask_label(self.upstreams, &cleared.models, &request, &task.labels);

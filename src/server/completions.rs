@@ -13,6 +13,7 @@ use super::json::ApiJson;
 use super::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, PromptField, Usage};
 use super::params::{check_context, reject_unsupported, validate};
 use super::served::Served;
+use crate::audit::handle::AuditHandle;
 use super::{submit, unix_time, AppState, Submitted, SYSTEM_FINGERPRINT};
 use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
 
@@ -22,8 +23,18 @@ const MAX_LEGACY_LOGPROBS: u64 = 5;
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     request_id: axum::Extension<super::RequestId>,
+    audit: Option<axum::Extension<AuditHandle>>,
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let audit = audit.map(|handle| handle.0);
+    if let Some(audit) = &audit {
+        let user = body.fields.user.clone();
+        audit.update(|record| {
+            if record.workflow.is_none() {
+                record.workflow = user;
+            }
+        });
+    }
     let registry = state.registry()?;
     let served = registry
         .get(&body.model)
@@ -91,8 +102,9 @@ pub async fn completions(
         sampling: params.sampling,
         stop: params.stop,
         logprobs,
+        produced: Default::default(),
     };
-    let submitted = submit(&served, generation)?;
+    let submitted = submit(&served, generation, audit)?;
 
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let echo_text = echo.then_some(prompt_text);
@@ -190,6 +202,7 @@ fn completion_stream(
 
     async_stream::stream! {
         let mut offset = 0;
+        let mut completion = String::new();
         if let Some(text) = echo {
             offset = text.len();
             yield Ok(super::sse_json(&chunk(vec![choice(text, None, None)], None)));
@@ -199,10 +212,12 @@ fn completion_stream(
                 GenerationEvent::Delta { text, logprobs } => {
                     let legacy = (!logprobs.is_empty()).then(|| legacy_logprobs(&logprobs, offset));
                     offset += text.len();
+                    completion.push_str(&text);
                     yield Ok(super::sse_json(&chunk(vec![choice(text, legacy, None)], None)));
                 }
                 GenerationEvent::Finished { reason, prompt_tokens, completion_tokens, timings } => {
                     submitted.log_finished(reason.as_str(), prompt_tokens, completion_tokens, &timings);
+                    submitted.record_finished(prompt_tokens, completion_tokens, &timings, &completion);
                     let last = choice(String::new(), None, Some(reason.as_str()));
                     yield Ok(super::sse_json(&chunk(vec![last], None)));
                     if include_usage {

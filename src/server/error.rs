@@ -122,6 +122,10 @@ impl ApiError {
     }
 }
 
+/// The message of an error response, kept in its extensions for the audit record.
+#[derive(Debug, Clone)]
+pub struct ErrorMessage(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_client_error() {
@@ -133,6 +137,7 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        response.extensions_mut().insert(ErrorMessage(self.message));
         response
     }
 }

@@ -1,9 +1,11 @@
 //! The HTTP server: an OpenAI-compatible API over the served models.
 //!
-//! `chat` and `completions` contain the two generation endpoints, `classify` the classification
-//! endpoints with `classify_escalation` for their remote answers, and `models` the listing and
-//! health routes. `json` and `error` turn bad input into OpenAI-style errors, and `params`
-//! validates the sampling fields that both endpoints share.
+//! `chat` and `completions` contain the two generation endpoints, with `routed` for chat
+//! requests to a route and `served` for the record of how each was served. `classify` holds the
+//! classification endpoints, with `classify_escalation` for results sent to providers, and
+//! `models` the listing and health routes. `json` and `error` turn bad input into OpenAI-style
+//! errors, and `params` validates the sampling fields that both endpoints share. The
+//! `audit_request` middleware starts each inference request's audit record.
 
 mod chat;
 mod classify;
@@ -18,10 +20,11 @@ mod routed;
 pub mod served;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::sse::Event;
@@ -31,6 +34,8 @@ use axum::Router;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::audit::handle::{AuditHandle, AuditSink};
+use crate::audit::AuditRecord;
 use crate::classify::TaskSet;
 use crate::config::Config;
 use crate::engine::generate::Timings;
@@ -41,6 +46,7 @@ use crate::routing::upstreams::Upstreams;
 use error::ApiError;
 use json::BodyLimit;
 use openai::Usage;
+use served::LOCAL_PROVIDER;
 
 pub const SYSTEM_FINGERPRINT: &str = concat!("tierd-", env!("CARGO_PKG_VERSION"));
 
@@ -50,6 +56,8 @@ pub struct AppState {
     pub upstreams: Upstreams,
     /// Routes by the model name clients request.
     pub routes: HashMap<String, Route>,
+    /// Destination of audit records; `None` when `[audit] enabled = false`.
+    pub audit: Option<Arc<AuditSink>>,
     /// Set once every model has loaded. Until then the generation routes return 503.
     pub registry: OnceLock<Registry>,
     /// Set once the tasks' encoders and heads have loaded, after the models.
@@ -57,10 +65,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, upstreams: Upstreams, routes: Vec<Route>) -> Self {
+    pub fn new(config: Config, upstreams: Upstreams, routes: Vec<Route>, audit: Option<Arc<AuditSink>>) -> Self {
         Self {
             config,
             upstreams,
+            audit,
             routes: routes.into_iter().map(|route| (route.name().to_string(), route)).collect(),
             registry: OnceLock::new(),
             tasks: OnceLock::new(),
@@ -95,6 +104,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(models::not_found)
         .method_not_allowed_fallback(models::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), audit_request))
         .layer(middleware::from_fn(move |mut request: Request, next: Next| {
             request.extensions_mut().insert(BodyLimit(limit));
             request_span(request, next)
@@ -139,12 +149,69 @@ async fn request_span(mut request: Request, next: Next) -> Response {
     response
 }
 
+/// Endpoints whose requests are audited.
+const AUDITED: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/classify"];
+
+/// Header naming the workflow a request belongs to, for cost reports.
+static WORKFLOW_HEADER: HeaderName = HeaderName::from_static("x-tierd-workflow");
+
+/// Creates the audit record of an inference request, for the handler to fill in, and records
+/// the response's status and error.
+async fn audit_request(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    let (Some(sink), true) = (state.audit.clone(), AUDITED.contains(&path.as_str())) else {
+        return next.run(request).await;
+    };
+    let id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or_default();
+    let workflow = request
+        .headers()
+        .get(&WORKFLOW_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(|v| v.chars().take(128).collect());
+    let record = AuditRecord {
+        id,
+        time_ms: unix_time_ms(),
+        workflow,
+        endpoint: path,
+        tier: 3,
+        provider: LOCAL_PROVIDER.to_string(),
+        ..Default::default()
+    };
+    let handle = AuditHandle::new(sink, record);
+    request.extensions_mut().insert(handle.clone());
+
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let error = response.extensions().get::<error::ErrorMessage>().map(|m| m.0.clone());
+    handle.update(|record| {
+        record.status = status;
+        record.error = error;
+    });
+    response
+}
+
+fn unix_time_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// A request accepted by a model's worker.
 pub struct Submitted {
     pub events: mpsc::Receiver<GenerationEvent>,
     model: String,
     /// Logged with the result, because a stream outlives the request's span.
     request_id: String,
+    /// The request's audit record, updated when the generation finishes or is cut.
+    audit: Option<AuditHandle>,
+    prompt_tokens: usize,
+    produced: Arc<AtomicUsize>,
+    finished: bool,
 }
 
 /// The whole output of a non-streamed request.
@@ -155,8 +222,14 @@ pub struct Collected {
     pub usage: Usage,
 }
 
-pub fn submit(served: &Arc<ServedModel>, request: GenerationRequest) -> Result<Submitted, ApiError> {
+pub fn submit(
+    served: &Arc<ServedModel>,
+    request: GenerationRequest,
+    audit: Option<AuditHandle>,
+) -> Result<Submitted, ApiError> {
     let request_id = request.request_id.clone();
+    let prompt_tokens = request.prompt_tokens.len();
+    let produced = request.produced.clone();
     let events = served
         .worker
         .submit(request)
@@ -165,8 +238,38 @@ pub fn submit(served: &Arc<ServedModel>, request: GenerationRequest) -> Result<S
         events,
         model: served.id.clone(),
         request_id,
+        audit,
+        prompt_tokens,
+        produced,
+        finished: false,
     })
 }
+
+impl Drop for Submitted {
+    /// Records a generation that the client left before it finished, with the tokens that
+    /// were generated by then.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some(audit) = &self.audit {
+            let produced = self.produced.load(Ordering::Relaxed) as u64;
+            let (prompt, model) = (self.prompt_tokens as u64, self.model.clone());
+            audit.update(|record| {
+                record.tier = 3;
+                record.provider = LOCAL_PROVIDER.to_string();
+                record.model = model;
+                record.input_tokens = prompt;
+                record.output_tokens = produced;
+                record.status = CLIENT_CLOSED;
+                record.error = Some("the client closed the connection before the generation finished".into());
+            });
+        }
+    }
+}
+
+/// Status recorded for a request whose client left before the response ended, as nginx logs it.
+pub const CLIENT_CLOSED: u16 = 499;
 
 impl Submitted {
     pub async fn collect(mut self) -> Result<Collected, ApiError> {
@@ -188,6 +291,8 @@ impl Submitted {
                     timings,
                 } => {
                     self.log_finished(reason.as_str(), prompt_tokens, completion_tokens, &timings);
+                    let text_for_audit = text.clone();
+                    self.record_finished(prompt_tokens, completion_tokens, &timings, &text_for_audit);
                     return Ok(Collected {
                         text,
                         logprobs,
@@ -199,6 +304,25 @@ impl Submitted {
             }
         }
         Err(ApiError::internal("generation ended without finishing"))
+    }
+
+    /// Writes a finished generation into the audit record; `completion` is its text.
+    pub fn record_finished(&mut self, prompt: usize, completion: usize, timings: &Timings, text: &str) {
+        self.finished = true;
+        let Some(audit) = &self.audit else { return };
+        let model = self.model.clone();
+        let ms = |d: Duration| Some(d.as_secs_f64() * 1000.0);
+        audit.update(|record| {
+            record.tier = 3;
+            record.provider = LOCAL_PROVIDER.to_string();
+            record.model = model;
+            record.input_tokens = prompt as u64;
+            record.output_tokens = completion as u64;
+            record.queue_ms = ms(timings.queue);
+            record.prefill_ms = ms(timings.prefill);
+            record.decode_ms = ms(timings.decode);
+        });
+        audit.set_completion(text);
     }
 
     pub fn log_finished(&self, reason: &str, prompt: usize, completion: usize, timings: &Timings) {

@@ -31,6 +31,7 @@ use super::error::ApiError;
 use super::openai::{AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, Usage};
 use super::served::Served;
 use super::{unix_time, AppState, Collected, SYSTEM_FINGERPRINT};
+use crate::audit::handle::AuditHandle;
 use crate::engine::ChatMessage;
 use crate::providers::{ChatRequest, ChatStream, StreamEvent};
 use crate::registry::ServedModel;
@@ -38,7 +39,7 @@ use crate::routing::confidence::{answer_confidence, TOP_LOGPROBS_NEEDED};
 use crate::routing::config::RouteMode;
 use crate::routing::criteria::Criteria;
 use crate::routing::gate::{self, Candidate, Cleared, Escalation, KeptLocal};
-use crate::routing::pii::{find_pii, redact, PiiMatch};
+use crate::routing::pii::{detect, Detection};
 use crate::routing::resilience::{self, ChainError};
 use crate::routing::route::Route;
 
@@ -58,14 +59,18 @@ struct Routed<'a> {
     criteria: Criteria,
     local: Arc<ServedModel>,
     /// Personal data found in each message, by message index.
-    pii: Vec<Vec<PiiMatch>>,
+    pii: Vec<Detection>,
+    /// Personal data found in each stop sequence, which providers also receive.
+    stop_pii: Vec<Detection>,
     served: Served,
+    audit: Option<AuditHandle>,
 }
 
 pub async fn chat(
     state: &Arc<AppState>,
     route: &Route,
     request_id: &str,
+    audit: Option<AuditHandle>,
     headers: &HeaderMap,
     body: ChatCompletionRequest,
 ) -> Result<Response, ApiError> {
@@ -80,11 +85,12 @@ pub async fn chat(
         ))
     })?;
 
-    let pii: Vec<Vec<PiiMatch>> = input.messages.iter().map(|m| find_pii(&m.content)).collect();
+    let pii: Vec<Detection> = input.messages.iter().map(|m| detect(&m.content)).collect();
+    let stop_pii: Vec<Detection> = input.params.stop.iter().map(|stop| detect(stop)).collect();
     let mut served = Served::local(&local.id);
     served.route = Some(route.name().to_string());
     served.confidence_metric = Some(route.config.confidence.as_str());
-    served.pii = pii_kinds(&pii);
+    served.pii = pii_kinds(pii.iter().chain(&stop_pii));
 
     let mut routed = Routed {
         state,
@@ -95,7 +101,9 @@ pub async fn chat(
         criteria,
         local,
         pii,
+        stop_pii,
         served,
+        audit,
     };
     routed.run().await
 }
@@ -151,6 +159,7 @@ impl Routed<'_> {
             &self.input.params,
             Some(logprobs),
             self.request_id,
+            self.audit.clone(),
         )
         .await?;
         let collected = submitted.collect().await?;
@@ -269,22 +278,29 @@ impl Routed<'_> {
             .messages
             .iter()
             .zip(&self.pii)
-            .map(|(message, matches)| ChatMessage {
+            .map(|(message, found)| ChatMessage {
                 role: message.role.clone(),
-                content: if redact_pii && !matches.is_empty() {
-                    redact(&message.content, matches)
+                content: if redact_pii && !found.is_empty() {
+                    found.redacted()
                 } else {
                     message.content.clone()
                 },
             })
             .collect();
-        let params = &self.input.params;
+        let stop = self
+            .input
+            .params
+            .stop
+            .iter()
+            .zip(&self.stop_pii)
+            .map(|(stop, found)| if redact_pii && !found.is_empty() { found.redacted() } else { stop.clone() })
+            .collect();
         ChatRequest {
             messages,
-            max_tokens: Some(params.max_tokens as u64),
+            max_tokens: self.input.max_tokens,
             temperature: self.input.temperature,
             top_p: self.input.top_p,
-            stop: params.stop.clone(),
+            stop,
             stream_usage: true,
         }
     }
@@ -313,7 +329,23 @@ impl Routed<'_> {
         );
     }
 
+    /// Writes the routing decision into the audit record.
+    fn audit_decision(&self) {
+        let Some(audit) = &self.audit else { return };
+        let served = &self.served;
+        audit.update(|record| {
+            record.route = served.route.clone();
+            record.tier = served.tier;
+            record.provider = served.provider.clone();
+            record.model = served.model.clone();
+            record.confidence = served.confidence.or(served.local_confidence);
+            record.escalation = served.escalation.map(|e| e.as_str().to_string());
+            record.kept_local = served.kept_local.map(|k| k.as_str().to_string());
+        });
+    }
+
     fn reply_local(&self, mut answer: LocalAnswer) -> Response {
+        self.audit_decision();
         // The answer carries the alternatives the confidence needed; keep the client's count.
         let wanted = self.input.top_logprobs;
         for token in &mut answer.collected.logprobs {
@@ -339,6 +371,16 @@ impl Routed<'_> {
     }
 
     fn reply_remote(&self, result: crate::providers::ChatResult) -> Response {
+        self.audit_decision();
+        if let Some(audit) = &self.audit {
+            let (usage, took) = (result.usage, result.timing.total);
+            audit.update(|record| {
+                record.input_tokens = usage.prompt_tokens;
+                record.output_tokens = usage.completion_tokens;
+                record.upstream_ms = Some(took.as_secs_f64() * 1000.0);
+            });
+            audit.set_completion(&result.text);
+        }
         let usage: Usage = result.usage.into();
         let response = ChatCompletion {
             id: new_id(),
@@ -364,6 +406,7 @@ impl Routed<'_> {
     }
 
     fn relay_stream(&self, stream: ChatStream) -> Response {
+        self.audit_decision();
         let writer = ChunkWriter::new(
             new_id(),
             self.served.model.clone(),
@@ -374,6 +417,7 @@ impl Routed<'_> {
             self.state.clone(),
             stream,
             writer,
+            self.audit.clone(),
             self.served.provider.clone(),
             self.served.model.clone(),
             self.arrived,
@@ -388,23 +432,49 @@ fn relay(
     state: Arc<AppState>,
     mut stream: ChatStream,
     mut writer: ChunkWriter,
+    audit: Option<AuditHandle>,
     provider: String,
     model: String,
     sent: Instant,
 ) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
     async_stream::stream! {
+        let mut cut = CutGuard { audit: audit.clone(), finished: false };
         yield Ok(writer.role());
+        let mut completion = String::new();
         while let Some(item) = stream.next().await {
             match item {
-                Ok(StreamEvent::Delta { text }) => yield Ok(writer.delta(text, None)),
+                Ok(StreamEvent::Delta { text }) => {
+                    completion.push_str(&text);
+                    yield Ok(writer.delta(text, None));
+                }
                 Ok(StreamEvent::Finished { finish_reason, usage }) => {
+                    cut.finish();
                     state.upstreams.record_latency(&provider, &model, sent.elapsed());
+                    if let Some(audit) = &audit {
+                        let took = sent.elapsed().as_secs_f64() * 1000.0;
+                        audit.update(|record| {
+                            if let Some(usage) = usage {
+                                record.input_tokens = usage.prompt_tokens;
+                                record.output_tokens = usage.completion_tokens;
+                            }
+                            record.upstream_ms = Some(took);
+                        });
+                        audit.set_completion(&completion);
+                    }
                     for event in writer.finish(Cow::Owned(finish_reason), usage.map(Usage::from)) {
                         yield Ok(event);
                     }
                     return;
                 }
                 Err(error) => {
+                    cut.finish();
+                    if let Some(audit) = &audit {
+                        let message = format!("the provider stream failed after it started: {error}");
+                        audit.update(|record| {
+                            record.status = 502;
+                            record.error = Some(message);
+                        });
+                    }
                     tracing::warn!(%provider, %model, %error, "provider stream failed after it started");
                     let error = ApiError::bad_gateway(
                         format!("The stream from provider `{provider}` failed after it started: {error}"),
@@ -417,6 +487,33 @@ fn relay(
         }
         let error = ApiError::bad_gateway(format!("The stream from provider `{provider}` ended without finishing."), "upstream_stream_failed");
         yield Ok(super::sse_json(&error.body()));
+    }
+}
+
+/// Marks the audit record of a relayed stream that the client left before its end.
+// NOTE: the provider reports usage only at the end, so a cut stream is recorded without tokens.
+struct CutGuard {
+    audit: Option<AuditHandle>,
+    finished: bool,
+}
+
+impl CutGuard {
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for CutGuard {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some(audit) = &self.audit {
+            audit.update(|record| {
+                record.status = super::CLIENT_CLOSED;
+                record.error = Some("the client closed the connection before the stream ended".into());
+            });
+        }
     }
 }
 
@@ -452,8 +549,8 @@ async fn within<T>(
 }
 
 /// Returns the distinct kinds of personal data found, in a stable order.
-fn pii_kinds(found: &[Vec<PiiMatch>]) -> Vec<&'static str> {
-    let mut kinds: Vec<&'static str> = found.iter().flatten().map(|m| m.kind.as_str()).collect();
+fn pii_kinds<'a>(found: impl Iterator<Item = &'a Detection>) -> Vec<&'static str> {
+    let mut kinds: Vec<&'static str> = found.flat_map(|d| &d.matches).map(|m| m.kind.as_str()).collect();
     kinds.sort_unstable();
     kinds.dedup();
     kinds

@@ -74,6 +74,8 @@ pub fn model_table(id: &str, context_length: Option<usize>) -> String {
 pub struct Server {
     pub base_url: String,
     pub pid: u32,
+    /// The audit database, created fresh at each start.
+    pub audit_db: PathBuf,
     child: Mutex<Child>,
     log_path: PathBuf,
 }
@@ -104,6 +106,11 @@ impl Server {
             .map_err(|e| format!("create {}: {e}", log_path.display()))?;
         let log_for_stderr = log.try_clone().map_err(|e| format!("clone the log file handle: {e}"))?;
 
+        let audit_db = dir.join("audit.db");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(dir.join(format!("audit.db{suffix}")));
+        }
+
         let port = free_port();
         let binary = server_binary()?;
         let child = Command::new(binary)
@@ -111,6 +118,8 @@ impl Server {
             .arg("--config")
             .arg(&config_path)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--audit-db")
+            .arg(&audit_db)
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -127,6 +136,7 @@ impl Server {
         let server = Server {
             base_url: format!("http://127.0.0.1:{port}"),
             pid: child.id(),
+            audit_db,
             child: Mutex::new(child),
             log_path,
         };
@@ -181,6 +191,22 @@ impl Server {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path)
             .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path.display()))
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the process to exit; returns its status.
+    pub fn terminate(&self, limit: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: `kill` takes plain integers; the child has not been reaped, so the pid is ours.
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child().try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Returns whether the process is still running.

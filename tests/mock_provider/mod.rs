@@ -130,6 +130,23 @@ impl MockProvider {
         }
     }
 
+    /// Starts a mock on a runtime of its own that lives as long as the test binary, for a mock
+    /// shared by tests that each run on their own runtime.
+    pub fn start_shared() -> Result<Self, String> {
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let runtime = RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("build the mock's runtime")
+        });
+        let handle = runtime.handle().clone();
+        std::thread::spawn(move || handle.block_on(Self::start()))
+            .join()
+            .map_err(|_| "the mock provider failed to start".to_string())
+    }
+
     /// Queues `script` for the next request that finds the queue empty before it.
     pub fn push(&self, script: Script) {
         lock(&self.state.scripts).push_back(script);

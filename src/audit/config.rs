@@ -1,0 +1,106 @@
+//! The `[audit]` and `[pricing]` tables of the config file.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::pricing::{Price, PriceTable};
+use crate::providers::ProviderConfig;
+use crate::routing::config::ModelRef;
+
+/// How much of a request's text the audit trail keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreText {
+    /// No text, only counts and costs.
+    #[default]
+    None,
+    /// The SHA-256 of the prompt and of the completion, to find repeated prompts.
+    Hash,
+    /// The prompt and the completion as they are.
+    Full,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    /// SQLite database file; relative paths are resolved against the working directory.
+    pub path: PathBuf,
+    /// Records that may wait for the writer before new ones are dropped and counted.
+    pub queue_capacity: usize,
+    pub store_text: StoreText,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: PathBuf::from("tierd-audit.db"),
+            queue_capacity: 10_000,
+            store_text: StoreText::None,
+        }
+    }
+}
+
+/// The `[pricing]` table. Remote prices come from the `[[provider.model]]` tables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// Label stored with every cost; change it when prices change.
+    pub version: String,
+    /// Amortised price of local models' tokens, by served model id.
+    pub local: HashMap<String, Price>,
+    /// Price of a local model without an entry in `local`.
+    pub local_default: Price,
+    /// `provider/model` whose prices give each request's counterfactual cost; by default the
+    /// first tier-1 model of the providers.
+    pub baseline: Option<String>,
+}
+
+impl Default for PricingConfig {
+    fn default() -> Self {
+        Self {
+            version: "1".into(),
+            local: HashMap::new(),
+            local_default: Price::default(),
+            baseline: None,
+        }
+    }
+}
+
+impl PricingConfig {
+    /// Builds the price table from this table and the providers' prices; the message names the
+    /// field at fault.
+    pub fn table(&self, providers: &[ProviderConfig]) -> Result<PriceTable, String> {
+        let mut remote = HashMap::new();
+        for provider in providers {
+            for model in &provider.models {
+                remote.insert(format!("{}/{}", provider.name, model.id), model.price());
+            }
+        }
+        let baseline = match &self.baseline {
+            Some(text) => {
+                let model = ModelRef::parse(text).map_err(|e| format!("`pricing.baseline`: {e}"))?;
+                model.resolve(providers).map_err(|e| format!("`pricing.baseline`: {e}"))?;
+                remote.get(text).copied().unwrap_or_default()
+            }
+            None => providers
+                .iter()
+                .flat_map(|p| p.models.iter())
+                .find(|m| m.tier == 1)
+                .map(|m| m.price())
+                .unwrap_or_default(),
+        };
+        let table = PriceTable {
+            version: self.version.clone(),
+            local: self.local.clone(),
+            local_default: self.local_default,
+            remote,
+            baseline,
+        };
+        table.validate()?;
+        Ok(table)
+    }
+}

@@ -1,0 +1,81 @@
+//! `AuditHandle`: the audit record of one request while the request runs. The middleware
+//! creates it, and the handler and any stream fill it in. The record is priced and queued when
+//! the last clone is dropped, so a stream that outlives its handler is recorded when it ends.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use super::config::StoreText;
+use super::pricing::PriceTable;
+use super::record::AuditRecord;
+use super::writer::AuditWriter;
+
+/// Destination of finished records, shared by every request.
+pub struct AuditSink {
+    pub writer: AuditWriter,
+    pub prices: PriceTable,
+    pub store_text: StoreText,
+}
+
+struct Draft {
+    sink: Arc<AuditSink>,
+    started: Instant,
+    record: Mutex<AuditRecord>,
+}
+
+impl Drop for Draft {
+    fn drop(&mut self) {
+        let mut record = std::mem::take(self.record.get_mut().unwrap_or_else(|p| p.into_inner()));
+        record.total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let costs = self
+            .sink
+            .prices
+            .costs(&record.provider, &record.model, record.input_tokens, record.output_tokens);
+        // Escalations inside the request (classification) add their own cost.
+        record.cost_usd += costs.cost_usd;
+        record.counterfactual_usd = costs.counterfactual_usd;
+        record.price_version = self.sink.prices.version.clone();
+        self.sink.writer.record(record);
+    }
+}
+
+/// A request's audit record in progress. Clones share it.
+#[derive(Clone)]
+pub struct AuditHandle(Arc<Draft>);
+
+impl AuditHandle {
+    pub fn new(sink: Arc<AuditSink>, record: AuditRecord) -> Self {
+        Self(Arc::new(Draft {
+            sink,
+            started: Instant::now(),
+            record: Mutex::new(record),
+        }))
+    }
+
+    /// Changes the record.
+    pub fn update(&self, change: impl FnOnce(&mut AuditRecord)) {
+        change(&mut self.0.record.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn keep(&self, text: &str) -> Option<String> {
+        match self.0.sink.store_text {
+            StoreText::None => None,
+            StoreText::Hash => Some(hex::encode(Sha256::digest(text.as_bytes()))),
+            StoreText::Full => Some(text.to_string()),
+        }
+    }
+
+    /// Keeps the prompt as the `[audit]` table's `store_text` sets.
+    pub fn set_prompt(&self, text: &str) {
+        let prompt = self.keep(text);
+        self.update(|record| record.prompt = prompt);
+    }
+
+    /// Keeps the completion as the `[audit]` table's `store_text` sets.
+    pub fn set_completion(&self, text: &str) {
+        let completion = self.keep(text);
+        self.update(|record| record.completion = completion);
+    }
+}

@@ -1,0 +1,133 @@
+//! `tierd report`: totals of the audit trail, grouped by tier, task, workflow, model or day.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+
+use crate::audit::report::{build, GroupBy, Report, ReportRow};
+use crate::audit::{AuditStore, SqliteStore};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+pub struct ReportArgs {
+    pub db: PathBuf,
+    /// Window ending now, such as 7d or 12h.
+    pub since: Duration,
+    pub by: GroupBy,
+    pub format: Format,
+    /// Workflows listed as top token consumers.
+    pub top: usize,
+}
+
+pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
+    if !args.db.is_file() {
+        anyhow::bail!("audit database {} not found; pass --db or check `[audit] path`", args.db.display());
+    }
+    let store = SqliteStore::open(&args.db)?;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the system clock is before 1970")?
+        .as_millis();
+    let since_ms = i64::try_from(now_ms.saturating_sub(args.since.as_millis())).unwrap_or(0);
+    let records = store.records_since(since_ms)?;
+    let report = build(&records, args.by, args.top);
+
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        Format::Csv => write_csv(&mut out, &report)?,
+        Format::Table => write_table(&mut out, &report, args.by)?,
+    }
+    Ok(())
+}
+
+const HEADER: [&str; 11] = [
+    "key",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "counterfactual_usd",
+    "saving_usd",
+    "saving_pct",
+    "escalation_rate",
+    "p50_ms",
+    "p95_ms",
+];
+
+fn cells(row: &ReportRow) -> [String; 11] {
+    [
+        row.key.clone(),
+        row.requests.to_string(),
+        row.input_tokens.to_string(),
+        row.output_tokens.to_string(),
+        format!("{:.6}", row.cost_usd),
+        format!("{:.6}", row.counterfactual_usd),
+        format!("{:.6}", row.saving_usd),
+        row.saving_pct.map_or_else(|| "-".into(), |pct| format!("{pct:.1}")),
+        format!("{:.3}", row.escalation_rate),
+        format!("{:.1}", row.p50_ms),
+        format!("{:.1}", row.p95_ms),
+    ]
+}
+
+/// Quotes a CSV field when it contains a comma, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+fn write_csv(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
+    writeln!(out, "{}", HEADER.join(","))?;
+    for row in report.rows.iter().chain(std::iter::once(&report.total)) {
+        let line: Vec<String> = cells(row).iter().map(|cell| csv_field(cell)).collect();
+        writeln!(out, "{}", line.join(","))?;
+    }
+    Ok(())
+}
+
+fn write_table(out: &mut impl Write, report: &Report, by: GroupBy) -> std::io::Result<()> {
+    let mut rows: Vec<[String; 11]> = report.rows.iter().map(cells).collect();
+    rows.push(cells(&report.total));
+    let mut header = HEADER.map(str::to_string);
+    header[0] = format!("{by:?}").to_lowercase();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].len()).chain([header[i].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: &[String]| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (cell, width))| if i == 0 { format!("{cell:<width$}") } else { format!("{cell:>width$}") })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    writeln!(out, "{}", line(&header))?;
+    for row in &rows {
+        writeln!(out, "{}", line(row))?;
+    }
+
+    if !report.top_consumers.is_empty() {
+        writeln!(out, "\ntop token consumers by workflow:")?;
+        writeln!(out, "{:<24} {:>9} {:>13} {:>17} {:>12}", "workflow", "requests", "total_tokens", "mean_input_tokens", "cost_usd")?;
+        for consumer in &report.top_consumers {
+            writeln!(
+                out,
+                "{:<24} {:>9} {:>13} {:>17.1} {:>12.6}",
+                consumer.workflow, consumer.requests, consumer.total_tokens, consumer.mean_input_tokens, consumer.cost_usd
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -40,6 +40,11 @@ default_max_tokens = 8
 
 {qwen}
 
+[[model]]
+id = "qwen-tight"
+path = "{qwen_path}"
+context_length = 96
+
 [resilience]
 max_attempts = 3
 base_delay_ms = 5
@@ -156,12 +161,19 @@ tier1 = ["slow/slow-model"]
 threshold = 1.0
 
 [[route]]
+name = "tight"
+local = "qwen-tight"
+tier1 = ["frontier/claude"]
+threshold = 0.0
+
+[[route]]
 name = "patient"
 local = "{QWEN}"
 tier1 = ["patient/patient-model"]
 threshold = 1.0
 "#,
         qwen = model_table(QWEN, None),
+        qwen_path = model_path(QWEN).display(),
     )
 }
 
@@ -702,6 +714,24 @@ async fn client_leaving_a_stream_cancels_the_upstream_stream() {
         mock.wait_for_closed(closed_before + 1, Duration::from_secs(5)).await,
         "the upstream stream stayed open after the client left"
     );
+}
+
+#[tokio::test]
+async fn prompt_too_long_for_the_local_model_escalates() {
+    let _turn = SERIAL.lock().await;
+    let before = request_count();
+    // About 200 tokens, over the 96-token context of `qwen-tight`.
+    let long = "Please summarise the following meeting notes carefully. ".repeat(25);
+    let (reply, body) = chat_ok("tight", &long, &[], json!({})).await;
+    assert_eq!(header(&reply, "x-tierd-provider"), "frontier", "{body}");
+    assert_eq!(header(&reply, "x-tierd-escalation"), "local_unavailable");
+    assert_eq!(request_count(), before + 1);
+
+    // When it may not leave the box, the local model's own error stands.
+    let reply = chat("tight", &long, &[("x-tierd-sensitivity", "restricted")], json!({})).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
+    assert_eq!(reply.json()["error"]["code"], "context_length_exceeded");
+    assert_eq!(request_count(), before + 1);
 }
 
 #[tokio::test]

@@ -17,6 +17,9 @@ pub enum Escalation {
     LowConfidence,
     /// The route task sent the request to a remote tier before any local completion.
     PreRoute,
+    /// The local model could not take the request: its queue was full or the prompt did not
+    /// fit its context.
+    LocalUnavailable,
 }
 
 impl Escalation {
@@ -24,6 +27,7 @@ impl Escalation {
         match self {
             Self::LowConfidence => "low_confidence",
             Self::PreRoute => "pre_route",
+            Self::LocalUnavailable => "local_unavailable",
         }
     }
 }

@@ -64,6 +64,8 @@ struct Routed<'a> {
     stop_pii: Vec<Detection>,
     served: Served,
     audit: Option<AuditHandle>,
+    /// The local model's error when it could not take the request.
+    local_error: Option<ApiError>,
 }
 
 pub async fn chat(
@@ -104,32 +106,44 @@ pub async fn chat(
         stop_pii,
         served,
         audit,
+        local_error: None,
     };
     routed.run().await
 }
 
 impl Routed<'_> {
     async fn run(&mut self) -> Result<Response, ApiError> {
-        let (escalation, candidates, answer) = match self.route.config.mode {
-            RouteMode::Cascade => {
-                let answer = self.answer_locally().await?;
-                let threshold = self.criteria.min_confidence.unwrap_or(self.route.config.threshold);
-                if !self.needs_escalation(&answer, Some(threshold)) {
-                    return Ok(self.reply_local(answer));
-                }
-                (Escalation::LowConfidence, self.route.cascade_candidates(), Some(answer))
-            }
+        let threshold = match self.route.config.mode {
+            RouteMode::Cascade => Some(self.criteria.min_confidence.unwrap_or(self.route.config.threshold)),
             RouteMode::PreRoute => match self.pre_route().await? {
-                3 => {
-                    let answer = self.answer_locally().await?;
-                    if !self.needs_escalation(&answer, self.criteria.min_confidence) {
-                        return Ok(self.reply_local(answer));
-                    }
-                    (Escalation::LowConfidence, self.route.cascade_candidates(), Some(answer))
-                }
-                tier => (Escalation::PreRoute, self.route.candidates(tier), None),
+                3 => self.criteria.min_confidence,
+                tier => return self.escalate_or_keep(Escalation::PreRoute, self.route.candidates(tier), None).await,
             },
         };
+        let answer = match self.answer_locally().await {
+            Ok(answer) => answer,
+            Err(error) if local_unavailable(&error) => {
+                tracing::info!(route = self.route.name(), status = error.status.as_u16(), message = %error.message, "the local model cannot take the request; escalating");
+                self.local_error = Some(error);
+                let candidates = self.route.cascade_candidates();
+                return self.escalate_or_keep(Escalation::LocalUnavailable, candidates, None).await;
+            }
+            Err(error) => return Err(error),
+        };
+        if !self.needs_escalation(&answer, threshold) {
+            return Ok(self.reply_local(answer));
+        }
+        self.escalate_or_keep(Escalation::LowConfidence, self.route.cascade_candidates(), Some(answer))
+            .await
+    }
+
+    /// Sends the request to `candidates` if the gate allows, and otherwise serves it locally.
+    async fn escalate_or_keep(
+        &mut self,
+        escalation: Escalation,
+        candidates: Vec<Candidate>,
+        answer: Option<LocalAnswer>,
+    ) -> Result<Response, ApiError> {
         self.served.escalation = Some(escalation);
 
         let contains_pii = !self.served.pii.is_empty();
@@ -214,9 +228,11 @@ impl Routed<'_> {
     /// Answers locally although the request would have escalated, and says why.
     async fn keep_local(&mut self, kept: KeptLocal, answer: Option<LocalAnswer>) -> Result<Response, ApiError> {
         self.served.kept_local = Some(kept);
-        let answer = match answer {
-            Some(answer) => answer,
-            None => self.answer_locally().await?,
+        let answer = match (answer, self.local_error.take()) {
+            (Some(answer), _) => answer,
+            // The local model already failed to take the request; its error stands.
+            (None, Some(error)) => return Err(error),
+            (None, None) => self.answer_locally().await?,
         };
         Ok(self.reply_local(answer))
     }
@@ -532,6 +548,12 @@ impl Failure {
             Failure::Chain(error) => vec![error.to_string()],
         }
     }
+}
+
+/// Returns whether `error` says the local model cannot take the request (a full queue, or a
+/// prompt longer than its context) rather than that the request is invalid.
+fn local_unavailable(error: &ApiError) -> bool {
+    error.status == axum::http::StatusCode::TOO_MANY_REQUESTS || error.code == Some("context_length_exceeded")
 }
 
 /// Runs `call` within `limit`, when there is one.

@@ -4,7 +4,7 @@
 //! The decision, in order:
 //!
 //! 1. Pre-routing routes classify the last user message with the route task, and the label's
-//!    tier says where the request goes. Cascade routes always start locally.
+//!    tier decides where the request goes. Cascade routes always start locally.
 //! 2. A local completion is kept when its confidence reaches the threshold: the route's own
 //!    for a cascade, the request's `min_confidence` for either mode.
 //! 3. An escalation passes `routing::gate::clear`: restricted requests, personal data under a
@@ -208,7 +208,7 @@ impl Routed<'_> {
             .map(|m| m.content.clone());
         let Some(text) = text else {
             // Nothing to classify, such as a request of system messages only: the local model
-            // answers it.
+            // serves it.
             return Ok(3);
         };
         let classification = task.classify(vec![text]).await.map_err(classify_error)?;
@@ -225,12 +225,12 @@ impl Routed<'_> {
         Ok(tier)
     }
 
-    /// Answers locally although the request would have escalated, and says why.
+    /// Serves the request locally although it would have escalated, and records why.
     async fn keep_local(&mut self, kept: KeptLocal, answer: Option<LocalAnswer>) -> Result<Response, ApiError> {
         self.served.kept_local = Some(kept);
         let answer = match (answer, self.local_error.take()) {
             (Some(answer), _) => answer,
-            // The local model already failed to take the request; its error stands.
+            // The local model already failed to take the request, so its error is returned.
             (None, Some(error)) => return Err(error),
             (None, None) => self.answer_locally().await?,
         };
@@ -321,7 +321,7 @@ impl Routed<'_> {
         }
     }
 
-    /// Records in `served` which provider answered.
+    /// Records in `served` which provider served the request.
     fn mark_remote(&mut self, via: &resilience::Served, candidates: &[Candidate], answer: Option<&LocalAnswer>) {
         let tier = candidates
             .iter()
@@ -550,7 +550,7 @@ impl Failure {
     }
 }
 
-/// Returns whether `error` says the local model cannot take the request (a full queue, or a
+/// Returns whether `error` means the local model cannot take the request (a full queue, or a
 /// prompt longer than its context) rather than that the request is invalid.
 fn local_unavailable(error: &ApiError) -> bool {
     error.status == axum::http::StatusCode::TOO_MANY_REQUESTS || error.code == Some("context_length_exceeded")

@@ -416,6 +416,7 @@ fn chat_stream(
                     return;
                 }
                 GenerationEvent::Failed(message) => {
+                    submitted.record_failed(&message);
                     yield Ok(super::sse_json(&ApiError::internal(message).body()));
                     return;
                 }

@@ -228,6 +228,7 @@ fn completion_stream(
                     return;
                 }
                 GenerationEvent::Failed(message) => {
+                    submitted.record_failed(&message);
                     yield Ok(super::sse_json(&ApiError::internal(message).body()));
                     return;
                 }

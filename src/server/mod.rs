@@ -300,7 +300,10 @@ impl Submitted {
                         usage: Usage::new(prompt_tokens, completion_tokens),
                     });
                 }
-                GenerationEvent::Failed(message) => return Err(ApiError::internal(message)),
+                GenerationEvent::Failed(message) => {
+                    self.record_failed(&message);
+                    return Err(ApiError::internal(message));
+                }
             }
         }
         Err(ApiError::internal("generation ended without finishing"))
@@ -323,6 +326,26 @@ impl Submitted {
             record.decode_ms = ms(timings.decode);
         });
         audit.set_completion(text);
+    }
+
+    /// Records a generation that failed in the worker, so that the audit record shows a server
+    /// error rather than a client that left. A streamed response already has status 200.
+    pub fn record_failed(&mut self, message: &str) {
+        self.finished = true;
+        let Some(audit) = &self.audit else { return };
+        let (produced, prompt, model) = (
+            self.produced.load(Ordering::Relaxed) as u64,
+            self.prompt_tokens as u64,
+            self.model.clone(),
+        );
+        let error = format!("generation failed: {message}");
+        audit.update(|record| {
+            record.model = model;
+            record.input_tokens = prompt;
+            record.output_tokens = produced;
+            record.status = 500;
+            record.error = Some(error);
+        });
     }
 
     pub fn log_finished(&self, reason: &str, prompt: usize, completion: usize, timings: &Timings) {

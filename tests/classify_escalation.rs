@@ -8,8 +8,6 @@
 //! Run with `cargo test --release --test classify_escalation`.
 
 mod common;
-// These tests use only part of the mock's API.
-#[allow(dead_code)]
 mod mock_provider;
 
 use std::path::Path;

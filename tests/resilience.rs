@@ -1,8 +1,6 @@
 //! The fault-tolerance layer against mock providers on 127.0.0.1: retries, fallback along the
 //! chain, circuit breakers, retry budgets, and where streams may fall back.
 
-// These tests use only part of the mock's API.
-#[allow(dead_code)]
 mod mock_provider;
 
 use std::sync::Arc;

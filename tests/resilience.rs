@@ -394,8 +394,8 @@ async fn dropped_probe_stream_frees_the_probe() {
     assert_eq!(mock.requests().len(), 1);
     assert!(matches!(registry.get("primary").breaker.state(), BreakerState::Open { .. }));
 
-    // After the cooldown the probe stream starts; the client drops it before its end, which
-    // says nothing about the provider, so the next request may probe again.
+    // After the cooldown the probe stream starts; the client drops it before its end. That
+    // proves nothing about the provider, so the next request may probe again.
     clock.advance(Duration::from_secs(31));
     let (stream, _) = resilient.chat_stream(&request()).await.expect("probe stream starts");
     assert_eq!(registry.get("primary").breaker.state(), BreakerState::HalfOpen { probing: true });

@@ -266,7 +266,7 @@ fn assert_local(reply: &Reply, body: &Value) {
 }
 
 #[tokio::test]
-async fn confident_local_answer_is_kept_without_calling_a_provider() {
+async fn confident_local_completion_stays_local() {
     let _turn = SERIAL.lock().await;
     let before = request_count();
     let (reply, body) = chat_ok("auto", OPEN_PROMPT, &[("x-tierd-min-confidence", "0")], json!({})).await;
@@ -417,7 +417,7 @@ async fn personal_data_keeps_requests_local() {
 }
 
 #[tokio::test]
-async fn personal_data_is_redacted_when_the_route_says_so() {
+async fn redacting_route_sends_placeholders() {
     let _turn = SERIAL.lock().await;
     let before = request_count();
     let prompt = "Write to jane.doe@example.com and to +852 9123 4567 about the delay.";
@@ -642,7 +642,7 @@ async fn local_stream_replays_the_local_answer() {
 }
 
 #[tokio::test]
-async fn stream_cut_mid_way_ends_with_an_error_event() {
+async fn cut_stream_ends_with_error() {
     let _turn = SERIAL.lock().await;
     let before = request_count();
     fixture().mock.push(Script::CutAfter { chunks: 1 });
@@ -670,7 +670,7 @@ async fn client_disconnect_cancels_the_upstream_request() {
     let body = json!({"model": "patient", "messages": [{"role": "user", "content": OPEN_PROMPT}], "temperature": 0});
     let url = fixture().server.url("/v1/chat/completions");
     let request = client().post(url).json(&body).send();
-    // The local answer takes well under this; then the provider hangs until the client leaves.
+    // The local completion takes well under this. Then the provider hangs until the client leaves.
     let outcome = tokio::time::timeout(Duration::from_secs(8), request).await;
     assert!(outcome.is_err(), "the request finished although the provider hangs");
     assert_eq!(request_count(), before + 1);
@@ -727,7 +727,7 @@ async fn prompt_too_long_for_the_local_model_escalates() {
     assert_eq!(header(&reply, "x-tierd-escalation"), "local_unavailable");
     assert_eq!(request_count(), before + 1);
 
-    // When it may not leave the box, the local model's own error stands.
+    // When it may not leave the box, the local model's own error is returned.
     let reply = chat("tight", &long, &[("x-tierd-sensitivity", "restricted")], json!({})).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
     assert_eq!(reply.json()["error"]["code"], "context_length_exceeded");
@@ -772,7 +772,7 @@ async fn direct_model_requests_report_the_local_tier() {
     assert!(reply.headers.get("x-tierd-route").is_none());
 }
 
-/// Keeps `Answer` in use: a scripted answer with its own text reaches the client unchanged.
+/// Checks that a scripted completion with its own text reaches the client unchanged.
 #[tokio::test]
 async fn scripted_answer_reaches_the_client() {
     let _turn = SERIAL.lock().await;

@@ -1,5 +1,6 @@
 //! `AuditWriter`: a bounded queue in front of the audit store, drained by one thread that
-//! writes records in batches. Queueing never blocks: a full queue drops the record and counts it.
+//! writes records in batches. `record` uses `try_send`, so a full queue drops and counts the
+//! record instead of blocking the request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};

@@ -94,8 +94,8 @@ pub struct ProviderModel {
     pub input_per_mtok: f64,
     /// Price of completion tokens in USD per million tokens.
     pub output_per_mtok: f64,
-    /// Expected time of one answer, in milliseconds, weighed against a request's latency budget
-    /// until answers have been timed.
+    /// Expected response time in milliseconds, weighed against a request's latency budget until
+    /// responses have been timed.
     #[serde(default)]
     pub latency_ms: Option<u64>,
 }

@@ -135,7 +135,7 @@ impl std::fmt::Debug for ChatStream {
 
 impl ChatStream {
     /// Returns the stream with `inspect` called on every item before the caller receives it.
-    /// `inspect` is dropped with the stream, so a guard it owns sees an abandoned stream.
+    /// `inspect` is dropped with the stream, so a guard it owns also detects an abandoned stream.
     pub fn inspect_events(
         self,
         inspect: impl FnMut(&Result<StreamEvent, ProviderError>) + Send + 'static,

@@ -102,7 +102,7 @@ pub struct RouteConfig {
     pub name: String,
     #[serde(default)]
     pub mode: RouteMode,
-    /// Served model that answers at tier 3.
+    /// Served model of tier 3.
     pub local: String,
     /// Mid-range models (`provider/model`), in fallback order.
     #[serde(default)]

@@ -1,6 +1,6 @@
 //! Routing requests between the local tier and remote providers.
 //!
-//! `config` holds the `[[route]]`, `[escalate]` and `[resilience]` tables, `criteria` the
+//! `config` contains the `[[route]]`, `[escalate]` and `[resilience]` tables, `criteria` the
 //! per-request demands, `gate` the checks every escalation passes, `confidence` the score of a
 //! generated answer, `upstreams` the provider clients, `resilience` retries, breakers and
 //! fallback, and `pii` the personal-data detector. `label_prompt` and `label_escalation` ask

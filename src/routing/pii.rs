@@ -1177,7 +1177,9 @@ mod tests {
         for text in ["mail jane.doe＠example.com", "mail jane.doe@exam\u{200B}ple.com", "card ４１１１ １１１１ １１１１ １１１１"] {
             let found = detect(text);
             assert_eq!(found.matches.len(), 1, "{text:?}");
-            assert!(!found.redacted().contains("example") && !found.redacted().contains("1111"), "{text:?}");
+            let redacted = found.redacted();
+            assert!(!redacted.contains("example"), "{text:?}");
+            assert!(!redacted.contains("1111"), "{text:?}");
         }
         assert!(detect("no personal data here").is_empty());
     }

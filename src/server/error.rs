@@ -93,7 +93,7 @@ impl ApiError {
         error
     }
 
-    /// 502: a remote provider failed, or returned an answer that cannot be used.
+    /// 502: a remote provider failed, or returned a response that cannot be used.
     pub fn bad_gateway(message: impl Into<String>, code: &'static str) -> Self {
         let mut error = Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message);
         error.code = Some(code);

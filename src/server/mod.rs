@@ -1,7 +1,7 @@
 //! The HTTP server: an OpenAI-compatible API over the served models.
 //!
 //! `chat` and `completions` contain the two generation endpoints, with `routed` for chat
-//! requests to a route and `served` for the record of how each was served. `classify` holds the
+//! requests to a route and `served` for the record of how each was served. `classify` contains the
 //! classification endpoints, with `classify_escalation` for results sent to providers, and
 //! `models` the listing and health routes. `json` and `error` turn bad input into OpenAI-style
 //! errors, and `params` validates the sampling fields that both endpoints share. The
@@ -291,8 +291,7 @@ impl Submitted {
                     timings,
                 } => {
                     self.log_finished(reason.as_str(), prompt_tokens, completion_tokens, &timings);
-                    let text_for_audit = text.clone();
-                    self.record_finished(prompt_tokens, completion_tokens, &timings, &text_for_audit);
+                    self.record_finished(prompt_tokens, completion_tokens, &timings, &text);
                     return Ok(Collected {
                         text,
                         logprobs,

@@ -22,7 +22,7 @@ fn model_card(served: &ServedModel) -> ModelCard {
     }
 }
 
-/// A route is listed as a model, because clients request it as one.
+/// Builds the model card of a route, listed as a model because clients request it as one.
 fn route_card(name: &str, state: &AppState) -> ModelCard {
     ModelCard {
         id: name.to_string(),

@@ -198,7 +198,7 @@ pub struct ChatCompletion {
     pub system_fingerprint: &'static str,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
-    /// How tierd served the request.
+    /// The record of how tierd served the request.
     pub tierd: Served,
 }
 
@@ -229,7 +229,7 @@ pub struct ChatCompletionChunk {
     /// Present (as null until the last chunk) only when `stream_options.include_usage` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
-    /// How tierd served the request; in the first chunk only.
+    /// The record of how tierd served the request, in the first chunk only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tierd: Option<Served>,
 }

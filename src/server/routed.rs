@@ -9,7 +9,7 @@
 //!    for a cascade, the request's `min_confidence` for either mode.
 //! 3. An escalation passes `routing::gate::clear`: restricted requests, personal data under a
 //!    `local` PII policy, a maximum tier that excludes every remote model, or a latency budget
-//!    too short for the provider keep the request local, and the response says why.
+//!    too short for the provider keep the request local, and the response gives the reason.
 //! 4. The provider chain serves the request, with retries and fallback. When every provider
 //!    fails, the local completion is returned and flagged (or 502 without `local_fallback`).
 //!
@@ -362,7 +362,7 @@ impl Routed<'_> {
 
     fn reply_local(&self, mut answer: LocalAnswer) -> Response {
         self.audit_decision();
-        // The answer carries the alternatives the confidence needed; keep the client's count.
+        // The completion carries the alternatives the confidence needed, so keep the client's count.
         let wanted = self.input.top_logprobs;
         for token in &mut answer.collected.logprobs {
             token.top.truncate(wanted.unwrap_or(0));

@@ -22,7 +22,7 @@ use super::{submit, unix_time, AppState, Collected, Submitted, SYSTEM_FINGERPRIN
 use crate::engine::{ChatMessage, GenerationEvent, GenerationRequest, TokenLogprob};
 use crate::audit::handle::AuditHandle;
 use crate::registry::ServedModel;
-use crate::routing::criteria::{Criteria, CriteriaError, CriteriaFields};
+use crate::routing::criteria::{Criteria, CriteriaFields};
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -45,7 +45,7 @@ pub async fn chat_completions(
         .ok_or_else(|| ApiError::model_not_found(&body.model))?;
     let input = ChatInput::parse(body, &state)?;
     // Criteria only steer routes, but a malformed one is still an error.
-    Criteria::from_request(&headers, input.criteria.as_ref()).map_err(criteria_error)?;
+    Criteria::from_request(&headers, input.criteria.as_ref())?;
 
     let submitted = submit_chat(
         &served,
@@ -144,10 +144,6 @@ impl ChatInput {
             criteria: body.tierd,
         })
     }
-}
-
-pub(super) fn criteria_error(error: CriteriaError) -> ApiError {
-    ApiError::invalid_request(error.message, Some(&error.param))
 }
 
 /// A fresh completion id: clients may reuse their X-Request-Id, but completion ids must be unique.

@@ -144,8 +144,7 @@ pub async fn classify(
         let task = request.task.clone();
         audit.update(|record| record.task = Some(task));
     }
-    let criteria = Criteria::from_request(&headers, request.tierd.as_ref())
-        .map_err(|error| ApiError::invalid_request(error.message, Some(&error.param)))?;
+    let criteria = Criteria::from_request(&headers, request.tierd.as_ref())?;
     let tasks = state.tasks()?;
     let task = tasks.get(&request.task).ok_or_else(|| {
         ApiError::not_found(

@@ -122,6 +122,13 @@ impl ApiError {
     }
 }
 
+/// An invalid routing criterion is a 400 that names the header or body field.
+impl From<crate::routing::criteria::CriteriaError> for ApiError {
+    fn from(error: crate::routing::criteria::CriteriaError) -> Self {
+        Self::invalid_request(error.message, Some(&error.param))
+    }
+}
+
 /// The message of an error response, kept in its extensions for the audit record.
 #[derive(Debug, Clone)]
 pub struct ErrorMessage(pub String);

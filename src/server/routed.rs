@@ -25,7 +25,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 
-use super::chat::{chat_logprob, completion_response, criteria_error, new_id, sse_response, submit_chat, ChatInput, ChunkWriter};
+use super::chat::{chat_logprob, completion_response, new_id, sse_response, submit_chat, ChatInput, ChunkWriter};
 use super::classify::classify_error;
 use super::error::ApiError;
 use super::openai::{AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, Usage};
@@ -78,7 +78,7 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let input = ChatInput::parse(body, state)?;
-    let criteria = Criteria::from_request(headers, input.criteria.as_ref()).map_err(criteria_error)?;
+    let criteria = Criteria::from_request(headers, input.criteria.as_ref())?;
     let local = state.registry()?.get(&route.config.local).ok_or_else(|| {
         ApiError::internal(format!(
             "route `{}`: its local model `{}` is not served",

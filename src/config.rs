@@ -8,6 +8,9 @@ use serde::Deserialize;
 use crate::classify::task_config::builtin_tasks;
 use crate::classify::TaskConfig;
 use crate::audit::config::{AuditConfig, PricingConfig};
+use crate::budget::WorkflowConfig;
+use crate::client_keys::ClientKeyConfig;
+use crate::metrics::MetricsConfig;
 use crate::manifest::{Manifest, ManifestError, ModelSource};
 use crate::providers::{validate_providers, ProviderConfig};
 use crate::routing::config::{ResilienceSettings, RouteConfig};
@@ -47,6 +50,14 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub pricing: PricingConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Keys that clients must send; when empty, the API is open.
+    #[serde(default, rename = "client_key")]
+    pub client_keys: Vec<ClientKeyConfig>,
+    /// Prompt budgets by workflow.
+    #[serde(default, rename = "workflow")]
+    pub workflows: Vec<WorkflowConfig>,
 }
 
 fn default_true() -> bool {
@@ -146,6 +157,9 @@ impl Default for Config {
             routes: Vec::new(),
             audit: AuditConfig::default(),
             pricing: PricingConfig::default(),
+            metrics: MetricsConfig::default(),
+            client_keys: Vec::new(),
+            workflows: Vec::new(),
         }
     }
 }

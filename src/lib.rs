@@ -14,3 +14,6 @@ pub mod commands;
 pub mod routing;
 pub mod providers;
 pub mod audit;
+pub mod budget;
+pub mod client_keys;
+pub mod metrics;

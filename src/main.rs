@@ -11,6 +11,10 @@ use tierd::commands::{self, eval::EvalArgs, train::TrainArgs};
 use tierd::audit::handle::AuditSink;
 use tierd::audit::{AuditWriter, SqliteStore};
 use tierd::audit::report::GroupBy;
+use tierd::budget::Budgets;
+use tierd::client_keys::{self, ClientKeys};
+use tierd::metrics::{LabelBounds, Metrics};
+use tierd::server::served::LOCAL_PROVIDER;
 use tierd::commands::report::{Format, ReportArgs};
 use tierd::config::Config;
 use tierd::registry::{self, Registry, ServedModel};
@@ -112,6 +116,23 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+    /// Create client API keys, or hash existing ones, for the config's [[client_key]] tables.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Print a new random key and the [[client_key]] table that accepts it.
+    New {
+        /// Name that audit records and reports show for requests with this key.
+        #[arg(long)]
+        name: String,
+    },
+    /// Print the SHA-256 of the key on standard input, for a [[client_key]] table.
+    Hash,
 }
 
 #[derive(clap::Args)]
@@ -215,6 +236,7 @@ fn main() -> anyhow::Result<()> {
             };
             commands::eval::run(&config, &args)
         }
+        Command::Key { action } => run_key(action),
         Command::Report {
             db,
             since,
@@ -261,8 +283,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let queue_capacity = config.server.queue_capacity;
     let encoder_queue_capacity = config.server.encoder_queue_capacity;
-    let audit = open_audit(&config)?;
-    let state = Arc::new(AppState::new(config, upstreams, routes, audit.clone()));
+    let client_keys = ClientKeys::new(&config.client_keys).map_err(anyhow::Error::msg)?;
+    let budgets = Budgets::new(&config.workflows).map_err(anyhow::Error::msg)?;
+    let labels = LabelBounds::new(
+        models
+            .iter()
+            .map(|m| m.id.clone())
+            .chain(config.providers.iter().flat_map(|p| p.models.iter().map(|m| m.id.clone()))),
+        config.providers.iter().map(|p| p.name.clone()).chain([LOCAL_PROVIDER.to_string()]),
+        tasks.iter().map(|t| t.name.clone()),
+        budgets.workflows().map(str::to_string),
+        config.metrics.max_workflows,
+    );
+    let metrics = Arc::new(Metrics::new(labels).context("failed to register the metrics")?);
+    let audit = open_audit(&config, metrics)?;
+    if client_keys.required() {
+        tracing::info!(keys = config.client_keys.len(), "client keys are required on every endpoint but /health");
+    }
+    let state = Arc::new(AppState::new(config, upstreams, routes, audit.clone(), client_keys, budgets));
     let loader_state = state.clone();
     tokio::task::spawn_blocking(move || {
         let mut served = Vec::with_capacity(models.len());
@@ -318,9 +356,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("the HTTP server failed")?;
     // Every request has finished, so every record is queued: write them before exiting.
-    if let Some(audit) = audit {
-        let stats = audit.writer.stats().clone();
-        tokio::task::spawn_blocking(move || audit.writer.flush())
+    if let Some(writer) = audit.writer.clone() {
+        let stats = writer.stats().clone();
+        tokio::task::spawn_blocking(move || writer.flush())
             .await
             .context("the audit flush panicked")?;
         tracing::info!(
@@ -333,11 +371,49 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the audit database and starts its writer, unless `[audit] enabled = false`.
-fn open_audit(config: &Config) -> anyhow::Result<Option<Arc<AuditSink>>> {
+fn run_key(action: KeyAction) -> anyhow::Result<()> {
+    match action {
+        KeyAction::New { name } => {
+            if name.trim().is_empty() {
+                anyhow::bail!("--name must not be empty");
+            }
+            let key = client_keys::generate();
+            // The key goes to stdout once; the config only ever holds its hash.
+            println!("key: {key}\n");
+            println!("[[client_key]]\nname = {}\nsha256 = \"{}\"", toml_string(&name), client_keys::hash_hex(&key));
+        }
+        KeyAction::Hash => {
+            let mut key = String::new();
+            std::io::stdin()
+                .read_line(&mut key)
+                .context("failed to read the key from standard input")?;
+            let key = key.trim_end_matches(['\r', '\n']);
+            if key.is_empty() {
+                anyhow::bail!("no key on standard input; pipe one in, as in `printf %s \"$KEY\" | tierd key hash`");
+            }
+            println!("{}", client_keys::hash_hex(key));
+        }
+    }
+    Ok(())
+}
+
+/// Quotes `text` as a TOML basic string.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+/// Opens the audit database and starts its writer, unless `[audit] enabled = false`; records
+/// then feed only `metrics`.
+fn open_audit(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<AuditSink>> {
     let prices = config.pricing.table(&config.providers).map_err(anyhow::Error::msg)?;
     if !config.audit.enabled {
-        return Ok(None);
+        tracing::info!("the audit trail is disabled; requests are only counted in the metrics");
+        return Ok(Arc::new(AuditSink {
+            writer: None,
+            metrics,
+            prices,
+            store_text: config.audit.store_text,
+        }));
     }
     if config.audit.queue_capacity == 0 {
         anyhow::bail!("`audit.queue_capacity` must be at least 1");
@@ -346,11 +422,12 @@ fn open_audit(config: &Config) -> anyhow::Result<Option<Arc<AuditSink>>> {
     let (writer, _thread) = AuditWriter::spawn(Box::new(store), config.audit.queue_capacity)
         .context("failed to start the audit writer thread")?;
     tracing::info!(path = %config.audit.path.display(), "writing the audit trail");
-    Ok(Some(Arc::new(AuditSink {
-        writer,
+    Ok(Arc::new(AuditSink {
+        writer: Some(writer),
+        metrics,
         prices,
         store_text: config.audit.store_text,
-    })))
+    }))
 }
 
 async fn shutdown_signal() {

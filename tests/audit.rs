@@ -7,7 +7,6 @@
 mod common;
 mod mock_provider;
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -99,19 +98,6 @@ async fn send(server: &Server, id: &str, headers: &[(&str, &str)], body: &Value)
     read_reply(request.send().await.expect("POST /v1/chat/completions")).await
 }
 
-/// Waits until the writer has stored the row of request `id`, and returns it.
-async fn row(db: &Path, id: &str) -> AuditRecord {
-    for _ in 0..100 {
-        if let Ok(store) = SqliteStore::open(db) {
-            if let Ok(Some(record)) = store.record(id) {
-                return record;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no audit row for request `{id}` in {}", db.display());
-}
-
 fn usd(input: u64, output: u64, input_price: f64, output_price: f64) -> f64 {
     (input as f64 * input_price + output as f64 * output_price) / 1_000_000.0
 }
@@ -130,7 +116,7 @@ async fn local_request_row_has_tokens_costs_and_phases() {
     let input = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
     let output = usage["completion_tokens"].as_u64().expect("completion_tokens");
 
-    let record = row(&server.audit_db, "audit-local").await;
+    let record = audit_row(&server.audit_db, "audit-local").await;
     assert_eq!(record.endpoint, "/v1/chat/completions");
     assert_eq!(record.workflow.as_deref(), Some("support"));
     assert_eq!((record.tier, record.provider.as_str(), record.model.as_str()), (3, "local", QWEN));
@@ -157,7 +143,7 @@ async fn escalated_request_row_is_priced_at_the_provider() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(reply.json()["tierd"]["tier"], 1, "{}", reply.text);
 
-    let record = row(&server.audit_db, "audit-escalated").await;
+    let record = audit_row(&server.audit_db, "audit-escalated").await;
     assert_eq!(record.workflow.as_deref(), Some("billing"));
     assert_eq!(record.route.as_deref(), Some("auto"));
     assert_eq!((record.tier, record.provider.as_str(), record.model.as_str()), (1, "frontier", "big"));
@@ -175,7 +161,7 @@ async fn failed_requests_are_recorded_with_their_error() {
     let server = &fixture().server;
     let reply = send(server, "audit-missing-model", &[], &chat_request("no-such-model", "Hi.", 4)).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
-    let record = row(&server.audit_db, "audit-missing-model").await;
+    let record = audit_row(&server.audit_db, "audit-missing-model").await;
     assert_eq!(record.status, 404);
     assert!(record.error.as_deref().is_some_and(|e| e.contains("no-such-model")), "{record:?}");
     assert_eq!((record.input_tokens, record.output_tokens), (0, 0));
@@ -183,7 +169,7 @@ async fn failed_requests_are_recorded_with_their_error() {
 
     let reply = send(server, "audit-bad-value", &[], &json!({"model": QWEN, "messages": [], "max_tokens": 4})).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    let record = row(&server.audit_db, "audit-bad-value").await;
+    let record = audit_row(&server.audit_db, "audit-bad-value").await;
     assert_eq!(record.status, 400);
     assert!(record.error.as_deref().is_some_and(|e| e.contains("messages")), "{record:?}");
 }
@@ -209,7 +195,7 @@ async fn cut_stream_is_recorded_with_the_tokens_generated() {
     }
     drop(response);
 
-    let record = row(&server.audit_db, "audit-cut").await;
+    let record = audit_row(&server.audit_db, "audit-cut").await;
     assert_eq!(record.status, 499, "{record:?}");
     assert!(record.output_tokens >= 1, "{record:?}");
     assert!(record.output_tokens < 200, "{record:?}");
@@ -224,7 +210,7 @@ async fn report_totals_match_the_rows() {
         let id = format!("audit-report-{index}");
         let reply = send(server, &id, &[("x-tierd-workflow", workflow)], &chat_request(QWEN, "Say yes.", 3)).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-        row(&server.audit_db, &id).await;
+        audit_row(&server.audit_db, &id).await;
     }
     let rows = SqliteStore::open(&server.audit_db).expect("open the audit file");
     let records = tierd::audit::AuditStore::records_since(&rows, 0).expect("read the rows");

@@ -1,6 +1,7 @@
 //! `AuditHandle`: the audit record of one request while the request runs. The middleware
-//! creates it, and the handler and any stream fill it in. The record is priced and queued when
-//! the last clone is dropped, so a stream that outlives its handler is recorded when it ends.
+//! creates it, and the handler and any stream fill it in. The record is priced, counted in the
+//! metrics and queued when the last clone is dropped, so a stream that outlives its handler is
+//! recorded when it ends.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -8,13 +9,16 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use super::config::StoreText;
-use super::pricing::PriceTable;
+use super::pricing::{Costs, PriceTable};
 use super::record::AuditRecord;
 use super::writer::AuditWriter;
+use crate::metrics::Metrics;
 
 /// Destination of finished records, shared by every request.
 pub struct AuditSink {
-    pub writer: AuditWriter,
+    /// `None` when `[audit] enabled = false`: records then feed only the metrics.
+    pub writer: Option<AuditWriter>,
+    pub metrics: Arc<Metrics>,
     pub prices: PriceTable,
     pub store_text: StoreText,
 }
@@ -29,15 +33,28 @@ impl Drop for Draft {
     fn drop(&mut self) {
         let mut record = std::mem::take(self.record.get_mut().unwrap_or_else(|p| p.into_inner()));
         record.total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        let costs = self
-            .sink
-            .prices
-            .costs(&record.provider, &record.model, record.input_tokens, record.output_tokens);
-        // Escalations inside the request (classification) add their own cost.
-        record.cost_usd += costs.cost_usd;
+        let costs = self.sink.costs(&record);
+        record.cost_usd = costs.cost_usd;
         record.counterfactual_usd = costs.counterfactual_usd;
         record.price_version = self.sink.prices.version.clone();
-        self.sink.writer.record(record);
+        self.sink.metrics.observe(&record);
+        if let Some(writer) = &self.sink.writer {
+            writer.record(record);
+        }
+    }
+}
+
+impl AuditSink {
+    /// Prices `record`'s tokens. Escalations inside the request (classification) have already
+    /// added their own cost to `record.cost_usd`.
+    fn costs(&self, record: &AuditRecord) -> Costs {
+        let costs = self
+            .prices
+            .costs(&record.provider, &record.model, record.input_tokens, record.output_tokens);
+        Costs {
+            cost_usd: record.cost_usd + costs.cost_usd,
+            counterfactual_usd: costs.counterfactual_usd,
+        }
     }
 }
 
@@ -52,6 +69,17 @@ impl AuditHandle {
             started: Instant::now(),
             record: Mutex::new(record),
         }))
+    }
+
+    /// Returns the cost of the request as the record stands, in USD.
+    pub fn cost_usd(&self) -> f64 {
+        let record = self.0.record.lock().unwrap_or_else(|p| p.into_inner());
+        self.0.sink.costs(&record).cost_usd
+    }
+
+    /// Returns what `read` takes from the record.
+    pub fn read<T>(&self, read: impl FnOnce(&AuditRecord) -> T) -> T {
+        read(&self.0.record.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Changes the record.

@@ -41,6 +41,8 @@ pub struct AuditRecord {
     pub escalation: Option<String>,
     /// Reason a request that would have escalated was served locally.
     pub kept_local: Option<String>,
+    /// `warn` or `reject` when the prompt exceeded its workflow's token budget.
+    pub over_budget: Option<String>,
     /// HTTP status of the response; a stream cut by the client is recorded with 499.
     pub status: u16,
     pub error: Option<String>,

@@ -14,6 +14,8 @@ pub enum GroupBy {
     Task,
     Workflow,
     Model,
+    /// Name of the client key.
+    Client,
     /// Calendar day in UTC.
     Day,
 }
@@ -35,6 +37,8 @@ pub struct ReportRow {
     pub escalation_rate: f64,
     pub p50_ms: f64,
     pub p95_ms: f64,
+    /// Requests whose prompt exceeded their workflow's token budget.
+    pub over_budget: u64,
 }
 
 /// A workflow's token use, to find oversized prompts.
@@ -45,6 +49,8 @@ pub struct Consumer {
     pub total_tokens: u64,
     pub mean_input_tokens: f64,
     pub cost_usd: f64,
+    /// Requests whose prompt exceeded the workflow's token budget.
+    pub over_budget: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -63,6 +69,7 @@ fn key(record: &AuditRecord, by: GroupBy) -> String {
         GroupBy::Task => record.task.clone().unwrap_or_else(|| NONE_KEY.into()),
         GroupBy::Workflow => record.workflow.clone().unwrap_or_else(|| NONE_KEY.into()),
         GroupBy::Model => format!("{}/{}", record.provider, record.model),
+        GroupBy::Client => record.client.clone().unwrap_or_else(|| NONE_KEY.into()),
         GroupBy::Day => day(record.time_ms),
     }
 }
@@ -108,7 +115,12 @@ fn row(key: String, records: &[&AuditRecord]) -> ReportRow {
         escalation_rate: if requests == 0 { 0.0 } else { escalated as f64 / requests as f64 },
         p50_ms: quantile(&latencies, 0.5),
         p95_ms: quantile(&latencies, 0.95),
+        over_budget: over_budget(records),
     }
+}
+
+fn over_budget(records: &[&AuditRecord]) -> u64 {
+    records.iter().filter(|r| r.over_budget.is_some()).count() as u64
 }
 
 /// Builds the report of `records` grouped `by`, with the `top` largest token consumers.
@@ -135,6 +147,7 @@ pub fn build(records: &[AuditRecord], by: GroupBy, top: usize) -> Report {
                 total_tokens: input + output,
                 mean_input_tokens: input as f64 / group.len() as f64,
                 cost_usd: group.iter().map(|r| r.cost_usd).sum(),
+                over_budget: over_budget(&group),
             }
         })
         .collect();

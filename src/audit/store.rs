@@ -27,8 +27,11 @@ pub trait AuditStore: Send {
     fn records_since(&self, since_ms: i64) -> Result<Vec<AuditRecord>, AuditError>;
 }
 
-/// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version written to `PRAGMA user_version`. Version 2 added `over_budget`.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Statements that bring a database of version `index + 1` to the next version.
+const MIGRATIONS: [&str; 1] = ["ALTER TABLE requests ADD COLUMN over_budget TEXT"];
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (
@@ -55,6 +58,7 @@ CREATE TABLE IF NOT EXISTS requests (
     confidence REAL,
     escalation TEXT,
     kept_local TEXT,
+    over_budget TEXT,
     status INTEGER NOT NULL,
     error TEXT,
     prompt TEXT,
@@ -97,6 +101,15 @@ impl SqliteStore {
                 supported: SCHEMA_VERSION,
             });
         }
+        // A new file gets the current schema, so only an older file needs migrating.
+        let existing: i64 = connection
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'requests'", [], |row| row.get(0))
+            .map_err(error)?;
+        if existing > 0 {
+            for migration in MIGRATIONS.iter().skip(found.max(1) as usize - 1) {
+                connection.execute_batch(migration).map_err(error)?;
+            }
+        }
         connection.execute_batch(SCHEMA).map_err(error)?;
         connection
             .pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -126,7 +139,8 @@ impl SqliteStore {
 
 const COLUMNS: &str = "id, time_ms, client, workflow, endpoint, task, route, tier, provider, model, \
     input_tokens, output_tokens, cost_usd, counterfactual_usd, price_version, queue_ms, prefill_ms, \
-    decode_ms, upstream_ms, total_ms, confidence, escalation, kept_local, status, error, prompt, completion";
+    decode_ms, upstream_ms, total_ms, confidence, escalation, kept_local, over_budget, status, error, prompt, \
+    completion";
 
 /// Converts a token count for SQLite, whose integers are signed 64-bit.
 fn sql_count(value: u64) -> i64 {
@@ -163,10 +177,11 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
         confidence: row.get(20)?,
         escalation: row.get(21)?,
         kept_local: row.get(22)?,
-        status: row.get(23)?,
-        error: row.get(24)?,
-        prompt: row.get(25)?,
-        completion: row.get(26)?,
+        over_budget: row.get(23)?,
+        status: row.get(24)?,
+        error: row.get(25)?,
+        prompt: row.get(26)?,
+        completion: row.get(27)?,
     })
 }
 
@@ -182,7 +197,7 @@ impl AuditStore for SqliteStore {
             let sql = format!(
                 "INSERT INTO requests ({COLUMNS}) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, \
-                  ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
+                  ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)"
             );
             let mut insert = transaction.prepare_cached(&sql).map_err(error)?;
             for r in records {
@@ -211,6 +226,7 @@ impl AuditStore for SqliteStore {
                         r.confidence,
                         r.escalation,
                         r.kept_local,
+                        r.over_budget,
                         r.status,
                         r.error,
                         r.prompt,
@@ -267,6 +283,42 @@ mod tests {
         assert_eq!(store.records_since(1_500).expect("read").len(), 1);
         assert_eq!(store.record("b").expect("read"), Some(records[1].clone()));
         assert_eq!(store.record("c").expect("read"), None);
+    }
+
+    #[test]
+    fn version_1_file_is_migrated() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = dir.path().join("audit.db");
+        let connection = Connection::open(&path).expect("open");
+        let version_1 = SCHEMA.replace("    over_budget TEXT,\n", "");
+        connection.execute_batch(&version_1).expect("version 1 schema");
+        connection.pragma_update(None, "user_version", 1).expect("set version");
+        let old_columns = COLUMNS.replace(" over_budget,", "");
+        connection
+            .execute(
+                &format!(
+                    "INSERT INTO requests ({old_columns}) VALUES ('old', 5, NULL, NULL, '/v1/classify', NULL, NULL, 3, \
+                     'local', 'm', 1, 0, 0, 0, '1', NULL, NULL, NULL, NULL, 2.0, NULL, NULL, NULL, 200, NULL, NULL, NULL)"
+                ),
+                [],
+            )
+            .expect("version 1 row");
+        drop(connection);
+
+        let mut store = SqliteStore::open(&path).expect("migrate");
+        let mut new = record("new", 10);
+        new.over_budget = Some("warn".into());
+        store.write_batch(&[new.clone()]).expect("write");
+        let records = store.records_since(0).expect("read");
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].id, "old");
+        assert_eq!(records[0].over_budget, None);
+        assert_eq!(records[1], new);
+        let version: i64 = store
+            .connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]

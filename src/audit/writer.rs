@@ -4,9 +4,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::record::AuditRecord;
 use super::store::AuditStore;
@@ -21,7 +21,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 const WRITE_ATTEMPTS: u32 = 5;
 
 enum Message {
-    Record(Box<AuditRecord>),
+    /// A record and the time it was queued.
+    Record(Box<AuditRecord>, Instant),
     /// Write everything queued before this message, then signal on the channel.
     Flush(mpsc::Sender<()>),
 }
@@ -37,6 +38,8 @@ pub struct WriterStats {
     pub dropped_full: AtomicU64,
     /// Records lost because the store failed to write them.
     pub failed: AtomicU64,
+    /// Queue time of the oldest record in the batch being written; `None` while the writer waits.
+    writing_since: Mutex<Option<Instant>>,
 }
 
 impl WriterStats {
@@ -44,6 +47,19 @@ impl WriterStats {
     pub fn lag(&self) -> u64 {
         let done = self.written.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed);
         self.queued.load(Ordering::Relaxed).saturating_sub(done)
+    }
+
+    /// Returns how long the oldest record not yet written has waited: zero while the writer is
+    /// idle, because it takes every queued record as soon as it is free.
+    pub fn oldest_unwritten_age(&self) -> Duration {
+        self.writing_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    fn set_writing_since(&self, since: Option<Instant>) {
+        *self.writing_since.lock().unwrap_or_else(|p| p.into_inner()) = since;
     }
 }
 
@@ -74,11 +90,11 @@ impl AuditWriter {
     /// Queues `record` without waiting. A full queue drops it, counts it and logs a warning,
     /// because serving must not stall behind the disk.
     pub fn record(&self, record: AuditRecord) {
-        match self.sender.try_send(Message::Record(Box::new(record))) {
+        match self.sender.try_send(Message::Record(Box::new(record), Instant::now())) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
             }
-            Err(TrySendError::Full(Message::Record(record))) => {
+            Err(TrySendError::Full(Message::Record(record, _))) => {
                 let dropped = self.stats.dropped_full.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(request_id = %record.id, dropped_total = dropped, "audit queue is full; the record was dropped");
             }
@@ -111,9 +127,13 @@ fn run(mut store: Box<dyn AuditStore>, receiver: Receiver<Message>, stats: &Writ
             Err(_) => break,
         };
         let mut next = Some(first);
+        let mut oldest: Option<Instant> = None;
         while let Some(message) = next.take() {
             match message {
-                Message::Record(record) => batch.push(*record),
+                Message::Record(record, queued) => {
+                    batch.push(*record);
+                    oldest = Some(oldest.map_or(queued, |o| o.min(queued)));
+                }
                 Message::Flush(done) => flushes.push(done),
             }
             if batch.len() >= MAX_BATCH {
@@ -121,7 +141,9 @@ fn run(mut store: Box<dyn AuditStore>, receiver: Receiver<Message>, stats: &Writ
             }
             next = receiver.try_recv().ok();
         }
+        stats.set_writing_since(oldest);
         write(store.as_mut(), &mut batch, stats);
+        stats.set_writing_since(None);
         for done in flushes.drain(..) {
             let _ = done.send(());
         }

@@ -48,7 +48,7 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-const HEADER: [&str; 11] = [
+const HEADER: [&str; 12] = [
     "key",
     "requests",
     "input_tokens",
@@ -60,9 +60,10 @@ const HEADER: [&str; 11] = [
     "escalation_rate",
     "p50_ms",
     "p95_ms",
+    "over_budget",
 ];
 
-fn cells(row: &ReportRow) -> [String; 11] {
+fn cells(row: &ReportRow) -> [String; 12] {
     [
         row.key.clone(),
         row.requests.to_string(),
@@ -75,6 +76,7 @@ fn cells(row: &ReportRow) -> [String; 11] {
         format!("{:.3}", row.escalation_rate),
         format!("{:.1}", row.p50_ms),
         format!("{:.1}", row.p95_ms),
+        row.over_budget.to_string(),
     ]
 }
 
@@ -97,7 +99,7 @@ fn write_csv(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
 }
 
 fn write_table(out: &mut impl Write, report: &Report, by: GroupBy) -> std::io::Result<()> {
-    let mut rows: Vec<[String; 11]> = report.rows.iter().map(cells).collect();
+    let mut rows: Vec<[String; 12]> = report.rows.iter().map(cells).collect();
     rows.push(cells(&report.total));
     let mut header = HEADER.map(str::to_string);
     header[0] = format!("{by:?}").to_lowercase();
@@ -120,12 +122,21 @@ fn write_table(out: &mut impl Write, report: &Report, by: GroupBy) -> std::io::R
 
     if !report.top_consumers.is_empty() {
         writeln!(out, "\ntop token consumers by workflow:")?;
-        writeln!(out, "{:<24} {:>9} {:>13} {:>17} {:>12}", "workflow", "requests", "total_tokens", "mean_input_tokens", "cost_usd")?;
+        writeln!(
+            out,
+            "{:<24} {:>9} {:>13} {:>17} {:>12} {:>11}",
+            "workflow", "requests", "total_tokens", "mean_input_tokens", "cost_usd", "over_budget"
+        )?;
         for consumer in &report.top_consumers {
             writeln!(
                 out,
-                "{:<24} {:>9} {:>13} {:>17.1} {:>12.6}",
-                consumer.workflow, consumer.requests, consumer.total_tokens, consumer.mean_input_tokens, consumer.cost_usd
+                "{:<24} {:>9} {:>13} {:>17.1} {:>12.6} {:>11}",
+                consumer.workflow,
+                consumer.requests,
+                consumer.total_tokens,
+                consumer.mean_input_tokens,
+                consumer.cost_usd,
+                consumer.over_budget
             )?;
         }
     }

@@ -17,6 +17,7 @@ use super::openai::{
     Usage,
 };
 use super::params::{check_context, reject_unsupported, validate, Validated, MAX_TOP_LOGPROBS};
+use super::budget::check_budget;
 use super::served::Served;
 use super::{submit, unix_time, AppState, Collected, Submitted, SYSTEM_FINGERPRINT};
 use crate::engine::{ChatMessage, GenerationEvent, GenerationRequest, TokenLogprob};
@@ -48,6 +49,7 @@ pub async fn chat_completions(
     Criteria::from_request(&headers, input.criteria.as_ref())?;
 
     let submitted = submit_chat(
+        &state,
         &served,
         input.messages.clone(),
         &input.params,
@@ -65,15 +67,9 @@ pub async fn chat_completions(
     Ok(completion_response(new_id(), &served.id, collected, input.top_logprobs.is_some(), info))
 }
 
-/// Records the request's workflow (from the OpenAI `user` field when no header set it) and its
-/// prompt.
+/// Records the request's workflow and its prompt.
 fn audit_request(audit: &AuditHandle, body: &ChatCompletionRequest) {
-    let user = body.fields.user.clone();
-    audit.update(|record| {
-        if record.workflow.is_none() {
-            record.workflow = user;
-        }
-    });
+    super::tag_workflow(audit, body.fields.metadata.as_ref(), body.fields.user.as_deref());
     let prompt: Vec<String> = body
         .messages
         .iter()
@@ -151,8 +147,10 @@ pub(super) fn new_id() -> String {
     format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Renders `messages` with the model's chat template and queues the generation.
+/// Renders `messages` with the model's chat template, checks the prompt against the workflow's
+/// budget and the context length, and queues the generation.
 pub(super) async fn submit_chat(
+    state: &AppState,
     served: &Arc<ServedModel>,
     messages: Vec<ChatMessage>,
     params: &Validated,
@@ -160,25 +158,8 @@ pub(super) async fn submit_chat(
     request_id: &str,
     audit: Option<AuditHandle>,
 ) -> Result<Submitted, ApiError> {
-    // Tokenizing a multi-megabyte prompt takes long enough to stall the async runtime, so it
-    // runs on the blocking pool.
-    let tokenizing = served.clone();
-    let rendered = tokio::task::spawn_blocking(move || tokenizing.chat_prompt(&messages))
-        .await
-        .map_err(ApiError::internal)?;
-    let prompt_tokens = match rendered {
-        Ok(Some(tokens)) => tokens,
-        Ok(None) => {
-            return Err(ApiError::invalid_request(
-                format!(
-                    "The model `{}` has no chat template; use /v1/completions or set `chat_template` in the config.",
-                    served.id
-                ),
-                Some("model"),
-            ))
-        }
-        Err(message) => return Err(ApiError::invalid_request(message, Some("messages"))),
-    };
+    let prompt_tokens = tokenize_chat(served, messages).await?;
+    check_budget(state, audit.as_ref(), prompt_tokens.len(), "messages")?;
     check_context(prompt_tokens.len(), served.context_length, "messages")?;
 
     let max_tokens = params
@@ -194,6 +175,27 @@ pub(super) async fn submit_chat(
         produced: Default::default(),
     };
     submit(served, generation, audit)
+}
+
+/// Renders `messages` with the model's chat template and returns the prompt's tokens.
+pub(super) async fn tokenize_chat(served: &Arc<ServedModel>, messages: Vec<ChatMessage>) -> Result<Vec<u32>, ApiError> {
+    // Tokenizing a multi-megabyte prompt takes long enough to stall the async runtime, so it
+    // runs on the blocking pool.
+    let tokenizing = served.clone();
+    let rendered = tokio::task::spawn_blocking(move || tokenizing.chat_prompt(&messages))
+        .await
+        .map_err(ApiError::internal)?;
+    match rendered {
+        Ok(Some(tokens)) => Ok(tokens),
+        Ok(None) => Err(ApiError::invalid_request(
+            format!(
+                "The model `{}` has no chat template; use /v1/completions or set `chat_template` in the config.",
+                served.id
+            ),
+            Some("model"),
+        )),
+        Err(message) => Err(ApiError::invalid_request(message, Some("messages"))),
+    }
 }
 
 /// Sends `stream` as server-sent events, with `served` in the response headers.

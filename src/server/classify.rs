@@ -36,6 +36,13 @@ pub struct ClassifyRequest {
     /// Routing criteria, the same as the `X-Tierd-*` headers.
     #[serde(default)]
     pub tierd: Option<CriteriaFields>,
+    /// Caller id as in OpenAI requests; the workflow of the request when neither the header
+    /// nor `metadata.workflow` names one.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Key-value tags; `workflow` names the request's workflow.
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +148,7 @@ pub async fn classify(
     let arrived = Instant::now();
     let audit = audit.map(|handle| handle.0);
     if let Some(audit) = &audit {
+        super::tag_workflow(audit, request.metadata.as_ref(), request.user.as_deref());
         let task = request.task.clone();
         audit.update(|record| record.task = Some(task));
     }

@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::json::ApiJson;
 use super::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, PromptField, Usage};
 use super::params::{check_context, reject_unsupported, validate};
+use super::budget::check_budget;
 use super::served::Served;
 use crate::audit::handle::AuditHandle;
 use super::{submit, unix_time, AppState, Submitted, SYSTEM_FINGERPRINT};
@@ -28,12 +29,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let audit = audit.map(|handle| handle.0);
     if let Some(audit) = &audit {
-        let user = body.fields.user.clone();
-        audit.update(|record| {
-            if record.workflow.is_none() {
-                record.workflow = user;
-            }
-        });
+        super::tag_workflow(audit, body.fields.metadata.as_ref(), body.fields.user.as_deref());
     }
     let registry = state.registry()?;
     let served = registry
@@ -91,6 +87,7 @@ pub async fn completions(
     }
 
     let params = validate(body.fields, None, state.config.server.default_max_tokens)?;
+    check_budget(&state, audit.as_ref(), prompt_tokens.len(), "prompt")?;
     check_context(prompt_tokens.len(), served.context_length, "prompt")?;
     let max_tokens = params
         .max_tokens

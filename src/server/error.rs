@@ -59,6 +59,14 @@ impl ApiError {
         error
     }
 
+    /// 401 for a missing or unknown client key. The response also carries
+    /// `WWW-Authenticate: Bearer`, as RFC 6750 asks.
+    pub fn unauthorized(message: impl Into<String>, code: &'static str) -> Self {
+        let mut error = Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message);
+        error.code = Some(code);
+        error
+    }
+
     pub fn unsupported_media_type(found: &str) -> Self {
         Self::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -143,6 +151,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response.extensions_mut().insert(ErrorMessage(self.message));
         response

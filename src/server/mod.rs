@@ -5,14 +5,18 @@
 //! classification endpoints, with `classify_escalation` for results sent to providers, and
 //! `models` the listing and health routes. `json` and `error` turn bad input into OpenAI-style
 //! errors, and `params` validates the sampling fields that both endpoints share. The
-//! `audit_request` middleware starts each inference request's audit record.
+//! `audit_request` middleware starts each inference request's audit record, `auth` checks
+//! client keys, `budget` applies the workflow prompt budgets and `metrics` serves `/metrics`.
 
+mod auth;
+mod budget;
 mod chat;
 mod classify;
 mod classify_escalation;
 mod completions;
 pub mod error;
 mod json;
+mod metrics;
 mod models;
 pub mod openai;
 mod params;
@@ -36,7 +40,9 @@ use tracing::Instrument;
 
 use crate::audit::handle::{AuditHandle, AuditSink};
 use crate::audit::AuditRecord;
+use crate::budget::Budgets;
 use crate::classify::TaskSet;
+use crate::client_keys::ClientKeys;
 use crate::config::Config;
 use crate::engine::generate::Timings;
 use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
@@ -56,8 +62,13 @@ pub struct AppState {
     pub upstreams: Upstreams,
     /// Routes by the model name clients request.
     pub routes: HashMap<String, Route>,
-    /// Destination of audit records; `None` when `[audit] enabled = false`.
-    pub audit: Option<Arc<AuditSink>>,
+    /// Destination of finished requests' records: the metrics, and the audit store unless
+    /// `[audit] enabled = false`.
+    pub audit: Arc<AuditSink>,
+    /// Keys that clients must send; none configured leaves the API open.
+    pub client_keys: ClientKeys,
+    /// Prompt budgets by workflow.
+    pub budgets: Budgets,
     /// Set once every model has loaded. Until then the generation routes return 503.
     pub registry: OnceLock<Registry>,
     /// Set once the tasks' encoders and heads have loaded, after the models.
@@ -65,11 +76,20 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, upstreams: Upstreams, routes: Vec<Route>, audit: Option<Arc<AuditSink>>) -> Self {
+    pub fn new(
+        config: Config,
+        upstreams: Upstreams,
+        routes: Vec<Route>,
+        audit: Arc<AuditSink>,
+        client_keys: ClientKeys,
+        budgets: Budgets,
+    ) -> Self {
         Self {
             config,
             upstreams,
             audit,
+            client_keys,
+            budgets,
             routes: routes.into_iter().map(|route| (route.name().to_string(), route)).collect(),
             registry: OnceLock::new(),
             tasks: OnceLock::new(),
@@ -100,10 +120,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks", get(classify::list_tasks))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{id}", get(models::retrieve_model))
+        .route("/metrics", get(metrics::metrics))
         .route("/health", get(models::health))
         .fallback(models::not_found)
         .method_not_allowed_fallback(models::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        // Each layer wraps the ones above it, so the audit record exists before authentication
+        // and a rejected key is recorded too.
+        .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), audit_request))
         .layer(middleware::from_fn(move |mut request: Request, next: Next| {
             request.extensions_mut().insert(BodyLimit(limit));
@@ -159,9 +183,10 @@ static WORKFLOW_HEADER: HeaderName = HeaderName::from_static("x-tierd-workflow")
 /// the response's status and error.
 async fn audit_request(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
-    let (Some(sink), true) = (state.audit.clone(), AUDITED.contains(&path.as_str())) else {
+    if !AUDITED.contains(&path.as_str()) {
         return next.run(request).await;
-    };
+    }
+    let sink = state.audit.clone();
     let id = request
         .extensions()
         .get::<RequestId>()
@@ -172,7 +197,7 @@ async fn audit_request(State(state): State<Arc<AppState>>, mut request: Request,
         .get(&WORKFLOW_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
-        .map(|v| v.chars().take(128).collect());
+        .map(|v| v.chars().take(MAX_WORKFLOW_CHARS).collect());
     let record = AuditRecord {
         id,
         time_ms: unix_time_ms(),
@@ -185,14 +210,54 @@ async fn audit_request(State(state): State<Arc<AppState>>, mut request: Request,
     let handle = AuditHandle::new(sink, record);
     request.extensions_mut().insert(handle.clone());
 
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     let status = response.status().as_u16();
     let error = response.extensions().get::<error::ErrorMessage>().map(|m| m.0.clone());
     handle.update(|record| {
         record.status = status;
         record.error = error;
     });
+    // NOTE: a stream's cost is known only when it ends, after the headers are sent, so streamed
+    // responses carry no cost header; the audit record and the metrics have it.
+    if !is_event_stream(&response) {
+        if let Ok(value) = HeaderValue::from_str(&format!("{:.9}", handle.cost_usd())) {
+            response.headers_mut().insert(COST_HEADER.clone(), value);
+        }
+    }
     response
+}
+
+/// Header with the cost of a non-streamed inference request, in USD.
+static COST_HEADER: HeaderName = HeaderName::from_static("x-tierd-cost-usd");
+
+fn is_event_stream(response: &Response) -> bool {
+    response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// Longest workflow tag kept, in characters; longer tags are cut.
+const MAX_WORKFLOW_CHARS: usize = 128;
+
+/// Metadata key whose value names the request's workflow.
+const WORKFLOW_METADATA_KEY: &str = "workflow";
+
+/// Sets the record's workflow from the body when no `X-Tierd-Workflow` header set it: the
+/// `workflow` metadata value, or else the OpenAI `user` field.
+fn tag_workflow(audit: &AuditHandle, metadata: Option<&HashMap<String, String>>, user: Option<&str>) {
+    let tag = metadata
+        .and_then(|m| m.get(WORKFLOW_METADATA_KEY))
+        .map(String::as_str)
+        .or(user)
+        .filter(|tag| !tag.is_empty())
+        .map(|tag| tag.chars().take(MAX_WORKFLOW_CHARS).collect::<String>());
+    audit.update(|record| {
+        if record.workflow.is_none() {
+            record.workflow = tag;
+        }
+    });
 }
 
 fn unix_time_ms() -> i64 {

@@ -1,6 +1,7 @@
 //! Request and response bodies of the OpenAI chat and text completion APIs.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +53,9 @@ pub struct GenerationFields {
     pub n: Option<u64>,
     #[serde(default)]
     pub user: Option<String>,
+    /// Key-value tags; `workflow` names the request's workflow for cost reports and budgets.
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
     /// OpenAI fields tierd does not implement. A request that sets one to anything but its
     /// neutral value is rejected, rather than completed as if the field were absent.
     #[serde(default)]

@@ -25,7 +25,10 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 
-use super::chat::{chat_logprob, completion_response, new_id, sse_response, submit_chat, ChatInput, ChunkWriter};
+use super::budget::check_budget;
+use super::chat::{
+    chat_logprob, completion_response, new_id, sse_response, submit_chat, tokenize_chat, ChatInput, ChunkWriter,
+};
 use super::classify::classify_error;
 use super::error::ApiError;
 use super::openai::{AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, Usage};
@@ -117,7 +120,13 @@ impl Routed<'_> {
             RouteMode::Cascade => Some(self.criteria.min_confidence.unwrap_or(self.route.config.threshold)),
             RouteMode::PreRoute => match self.pre_route().await? {
                 3 => self.criteria.min_confidence,
-                tier => return self.escalate_or_keep(Escalation::PreRoute, self.route.candidates(tier), None).await,
+                tier => {
+                    // The prompt goes to a provider without local generation, so its budget is
+                    // checked here, in the local model's tokens.
+                    let tokens = tokenize_chat(&self.local, self.input.messages.clone()).await?;
+                    check_budget(self.state, self.audit.as_ref(), tokens.len(), "messages")?;
+                    return self.escalate_or_keep(Escalation::PreRoute, self.route.candidates(tier), None).await;
+                }
             },
         };
         let answer = match self.answer_locally().await {
@@ -168,6 +177,7 @@ impl Routed<'_> {
     async fn answer_locally(&mut self) -> Result<LocalAnswer, ApiError> {
         let logprobs = self.input.top_logprobs.unwrap_or(0).max(TOP_LOGPROBS_NEEDED);
         let submitted = submit_chat(
+            self.state,
             &self.local,
             self.input.messages.clone(),
             &self.input.params,

@@ -538,6 +538,19 @@ impl Stream {
     }
 }
 
+/// Waits until the audit writer has stored the row of request `id` in `db`, and returns it.
+pub async fn audit_row(db: &Path, id: &str) -> tierd::audit::AuditRecord {
+    for _ in 0..100 {
+        if let Ok(store) = tierd::audit::SqliteStore::open(db) {
+            if let Ok(Some(record)) = store.record(id) {
+                return record;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no audit row for request `{id}` in {}", db.display());
+}
+
 /// Checks that `reply` is an OpenAI error object with `status`, `type` and `param`, and a
 /// non-empty message that contains `message_part`.
 pub fn assert_api_error(

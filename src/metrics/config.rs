@@ -1,0 +1,17 @@
+//! The `[metrics]` table of the config.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Distinct workflow label values; later workflows are labelled `other`. Workflows with a
+    /// `[[workflow]]` table always keep their name.
+    pub max_workflows: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { max_workflows: 50 }
+    }
+}

@@ -1,0 +1,276 @@
+//! Prometheus metrics, rendered in the text format by `GET /metrics`.
+//!
+//! Request, token, cost, latency and escalation figures are taken from each finished audit
+//! record, so the counters and the audit trail count the same requests. Queue depths and the
+//! audit writer's lag are gauges, read when the metrics are scraped. `labels` bounds the label
+//! values that clients choose.
+
+pub mod config;
+pub mod labels;
+
+use std::sync::Mutex;
+
+use prometheus::{
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::audit::{AuditRecord, WriterStats};
+pub use config::MetricsConfig;
+pub use labels::LabelBounds;
+
+/// Content type of the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Upper bounds of the latency buckets, in seconds: from a short classification to a long
+/// generation or a slow provider.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+
+/// Labels of the request, token and cost counters.
+const REQUEST_LABELS: [&str; 5] = ["tier", "provider", "model", "task", "workflow"];
+
+/// Every metric that tierd exports.
+pub struct Metrics {
+    registry: Registry,
+    labels: LabelBounds,
+    requests: IntCounterVec,
+    tokens: IntCounterVec,
+    cost: CounterVec,
+    counterfactual: CounterVec,
+    saving: GaugeVec,
+    latency: HistogramVec,
+    escalations: IntCounterVec,
+    kept_local: IntCounterVec,
+    budget_exceeded: IntCounterVec,
+    unauthorized: IntCounterVec,
+    generation_queue: IntGaugeVec,
+    audit_queue: IntGauge,
+    audit_lag: prometheus::Gauge,
+    audit_records: IntCounterVec,
+    /// Serializes scrapes, because copying the writer's totals into counters reads then adds.
+    scrape: Mutex<()>,
+}
+
+/// Figures read from outside the metrics when they are scraped.
+pub struct Snapshot<'a> {
+    /// Requests waiting for each local model.
+    pub generation_queues: Vec<(String, usize)>,
+    /// The audit writer's counters; `None` when the audit trail is disabled.
+    pub audit: Option<&'a WriterStats>,
+}
+
+impl Metrics {
+    pub fn new(labels: LabelBounds) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let money = |name: &str, help: &str| -> Result<CounterVec, prometheus::Error> {
+            let metric = CounterVec::new(Opts::new(name, help), &REQUEST_LABELS)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let with_kind: Vec<&str> = std::iter::once("kind").chain(REQUEST_LABELS).collect();
+        let with_status: Vec<&str> = ["endpoint", "status"].into_iter().chain(REQUEST_LABELS).collect();
+        let with_reason: Vec<&str> = std::iter::once("reason").chain(REQUEST_LABELS).collect();
+
+        let requests = counter(
+            "tierd_requests_total",
+            "Inference requests (chat, completions, classify) by the tier that answered them.",
+            &with_status,
+        )?;
+        let tokens = counter("tierd_tokens_total", "Tokens of inference requests; kind is input or output.", &with_kind)?;
+        let cost = money("tierd_cost_usd_total", "Cost of inference requests, in USD.")?;
+        let counterfactual = money(
+            "tierd_counterfactual_cost_usd_total",
+            "Cost of the same tokens at the baseline frontier model, in USD.",
+        )?;
+        let saving = GaugeVec::new(
+            Opts::new(
+                "tierd_saving_usd",
+                "Counterfactual cost minus cost, in USD; a gauge because a request priced above the baseline lowers it.",
+            ),
+            &REQUEST_LABELS,
+        )?;
+        registry.register(Box::new(saving.clone()))?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "tierd_latency_seconds",
+                "Latency of inference requests by phase: queue, prefill, decode, upstream or total.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["phase", "tier", "provider", "model", "task"],
+        )?;
+        registry.register(Box::new(latency.clone()))?;
+        let escalations = counter(
+            "tierd_escalations_total",
+            "Requests that left the local tier, by reason; tier, provider and model are where they went.",
+            &with_reason,
+        )?;
+        let kept_local = counter(
+            "tierd_kept_local_total",
+            "Requests that would have escalated but were served locally, by reason.",
+            &["reason", "task", "workflow"],
+        )?;
+        let budget_exceeded = counter(
+            "tierd_context_budget_exceeded_total",
+            "Prompts over their workflow's token budget; action is warn or reject.",
+            &["workflow", "action"],
+        )?;
+        let unauthorized = counter(
+            "tierd_unauthorized_total",
+            "Requests rejected with 401; reason is missing or invalid key.",
+            &["reason"],
+        )?;
+        let generation_queue = IntGaugeVec::new(
+            Opts::new("tierd_generation_queue_depth", "Requests waiting for a local model's worker."),
+            &["model"],
+        )?;
+        registry.register(Box::new(generation_queue.clone()))?;
+        let audit_queue = IntGauge::new("tierd_audit_queue_depth", "Audit records queued but not yet written.")?;
+        registry.register(Box::new(audit_queue.clone()))?;
+        let audit_lag = prometheus::Gauge::new(
+            "tierd_audit_writer_lag_seconds",
+            "Age of the oldest audit record that the writer is writing; 0 when it is idle.",
+        )?;
+        registry.register(Box::new(audit_lag.clone()))?;
+        let audit_records = counter(
+            "tierd_audit_records_total",
+            "Audit records by outcome: written, dropped (queue full) or failed (store error).",
+            &["outcome"],
+        )?;
+
+        Ok(Self {
+            registry,
+            labels,
+            requests,
+            tokens,
+            cost,
+            counterfactual,
+            saving,
+            latency,
+            escalations,
+            kept_local,
+            budget_exceeded,
+            unauthorized,
+            generation_queue,
+            audit_queue,
+            audit_lag,
+            audit_records,
+            scrape: Mutex::new(()),
+        })
+    }
+
+    /// Counts one finished request from its priced audit record.
+    pub fn observe(&self, record: &AuditRecord) {
+        let tier = record.tier.to_string();
+        let provider = self.labels.provider(&record.provider);
+        let model = self.labels.model(&record.model);
+        let task = self.labels.task(record.task.as_deref());
+        let workflow = self.labels.workflow(record.workflow.as_deref());
+        let request = [tier.as_str(), provider, model, task, workflow];
+
+        let status = record.status.to_string();
+        let endpoint = endpoint_label(&record.endpoint);
+        self.requests
+            .with_label_values(&[&[endpoint, status.as_str()][..], &request].concat())
+            .inc();
+        for (kind, count) in [("input", record.input_tokens), ("output", record.output_tokens)] {
+            self.tokens.with_label_values(&[&[kind][..], &request].concat()).inc_by(count);
+        }
+        // Prices are validated as finite and non-negative, so costs never lower a counter.
+        self.cost.with_label_values(&request).inc_by(record.cost_usd.max(0.0));
+        self.counterfactual
+            .with_label_values(&request)
+            .inc_by(record.counterfactual_usd.max(0.0));
+        self.saving
+            .with_label_values(&request)
+            .add(record.counterfactual_usd - record.cost_usd);
+
+        let phases = [
+            ("queue", record.queue_ms),
+            ("prefill", record.prefill_ms),
+            ("decode", record.decode_ms),
+            ("upstream", record.upstream_ms),
+            ("total", Some(record.total_ms)),
+        ];
+        for (phase, ms) in phases {
+            if let Some(ms) = ms {
+                self.latency
+                    .with_label_values(&[phase, tier.as_str(), provider, model, task])
+                    .observe(ms / 1000.0);
+            }
+        }
+
+        if let Some(reason) = &record.escalation {
+            let reason = reason_label(reason);
+            self.escalations.with_label_values(&[&[reason][..], &request].concat()).inc();
+        }
+        if let Some(reason) = &record.kept_local {
+            self.kept_local
+                .with_label_values(&[reason_label(reason), task, workflow])
+                .inc();
+        }
+    }
+
+    /// Counts a prompt over its workflow's budget.
+    pub fn budget_exceeded(&self, workflow: &str, action: &str) {
+        let workflow = self.labels.workflow(Some(workflow));
+        self.budget_exceeded.with_label_values(&[workflow, action]).inc();
+    }
+
+    /// Counts a request rejected for a `missing` or `invalid` key.
+    pub fn unauthorized(&self, reason: &str) {
+        self.unauthorized.with_label_values(&[reason]).inc();
+    }
+
+    /// Renders every metric in the Prometheus text format, after reading the gauges from
+    /// `snapshot`.
+    pub fn render(&self, snapshot: &Snapshot<'_>) -> Result<String, prometheus::Error> {
+        let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        for (model, depth) in &snapshot.generation_queues {
+            self.generation_queue
+                .with_label_values(&[self.labels.model(model)])
+                .set(i64::try_from(*depth).unwrap_or(i64::MAX));
+        }
+        if let Some(stats) = snapshot.audit {
+            self.audit_queue.set(i64::try_from(stats.lag()).unwrap_or(i64::MAX));
+            self.audit_lag.set(stats.oldest_unwritten_age().as_secs_f64());
+            let totals = [
+                ("written", stats.written.load(std::sync::atomic::Ordering::Relaxed)),
+                ("dropped", stats.dropped_full.load(std::sync::atomic::Ordering::Relaxed)),
+                ("failed", stats.failed.load(std::sync::atomic::Ordering::Relaxed)),
+            ];
+            for (outcome, total) in totals {
+                let counter: IntCounter = self.audit_records.with_label_values(&[outcome]);
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
+        }
+
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
+        String::from_utf8(text).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+/// The endpoints that audit records name; anything else would be a bug, counted as `other`.
+fn endpoint_label(endpoint: &str) -> &str {
+    match endpoint {
+        "/v1/chat/completions" | "/v1/completions" | "/v1/classify" => endpoint,
+        _ => labels::OTHER,
+    }
+}
+
+/// Escalation and kept-local reasons are tierd's own names, all in `snake_case`; the check
+/// keeps a future free-text reason from becoming a label.
+fn reason_label(reason: &str) -> &str {
+    if reason.len() <= 32 && reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        reason
+    } else {
+        labels::OTHER
+    }
+}

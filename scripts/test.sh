@@ -6,6 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/fetch-models.sh
+
+# The PostgreSQL audit store is tested against a throwaway server, which needs PostgreSQL's
+# initdb and postgres programs.
+if ! command -v initdb >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        echo "installing PostgreSQL for the audit store tests"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "PostgreSQL (initdb, postgres) is missing; install it to run the audit store tests" >&2
+        exit 1
+    fi
+fi
+
 cargo build --release
 
 passed=0

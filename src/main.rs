@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tierd::classify::setup::load_tasks;
 use tierd::commands::{self, eval::EvalArgs, train::TrainArgs};
 use tierd::audit::handle::AuditSink;
-use tierd::audit::{AuditWriter, SqliteStore};
+use tierd::audit::AuditWriter;
 use tierd::audit::report::GroupBy;
 use tierd::budget::Budgets;
 use tierd::client_keys::{self, ClientKeys};
@@ -101,9 +101,10 @@ enum Command {
     },
     /// Print cost, savings, escalation and latency totals from the audit trail.
     Report {
-        /// SQLite file of the audit trail.
+        /// SQLite file of the audit trail, or the postgres:// URL of a shared audit database
+        /// (without a password in the URL, PGPASSWORD is used).
         #[arg(long, default_value = "tierd-audit.db")]
-        db: PathBuf,
+        db: String,
         /// Window ending now, such as 7d, 12h or 30m.
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         since: std::time::Duration,
@@ -296,7 +297,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.metrics.max_workflows,
     );
     let metrics = Arc::new(Metrics::new(labels).context("failed to register the metrics")?);
-    let audit = open_audit(&config, metrics)?;
+    let audit = open_audit(&config, metrics).await?;
     if client_keys.required() {
         tracing::info!(keys = config.client_keys.len(), "client keys are required on every endpoint but /health");
     }
@@ -404,7 +405,7 @@ fn toml_string(text: &str) -> String {
 
 /// Opens the audit database and starts its writer, unless `[audit] enabled = false`; records
 /// then feed only `metrics`.
-fn open_audit(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<AuditSink>> {
+async fn open_audit(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<AuditSink>> {
     let prices = config.pricing.table(&config.providers).map_err(anyhow::Error::msg)?;
     if !config.audit.enabled {
         tracing::info!("the audit trail is disabled; requests are only counted in the metrics");
@@ -418,10 +419,14 @@ fn open_audit(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Audi
     if config.audit.queue_capacity == 0 {
         anyhow::bail!("`audit.queue_capacity` must be at least 1");
     }
-    let store = SqliteStore::open(&config.audit.path)?;
-    let (writer, _thread) = AuditWriter::spawn(Box::new(store), config.audit.queue_capacity)
+    // The PostgreSQL client blocks on a runtime of its own, which must not start on this one.
+    let audit_config = config.audit.clone();
+    let store = tokio::task::spawn_blocking(move || audit_config.open_store())
+        .await
+        .context("opening the audit store panicked")??;
+    let (writer, _thread) = AuditWriter::spawn(store, config.audit.queue_capacity)
         .context("failed to start the audit writer thread")?;
-    tracing::info!(path = %config.audit.path.display(), "writing the audit trail");
+    tracing::info!(store = %config.audit.location(), "writing the audit trail");
     Ok(Arc::new(AuditSink {
         writer: Some(writer),
         metrics,

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::postgres::PostgresStore;
 use super::pricing::{Price, PriceTable};
+use super::store::{AuditError, AuditStore, SqliteStore};
 use crate::providers::ProviderConfig;
 use crate::routing::config::ModelRef;
 
@@ -22,12 +24,27 @@ pub enum StoreText {
     Full,
 }
 
+/// Database that the audit trail is written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// A SQLite file at `path`, for one server.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database whose URL is in the environment variable `postgres_url_env`, for
+    /// several replicas writing one trail.
+    Postgres,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     pub enabled: bool,
+    pub store: StoreKind,
     /// SQLite database file; relative paths are resolved against the working directory.
     pub path: PathBuf,
+    /// Environment variable holding the PostgreSQL URL, so the password stays out of the file.
+    pub postgres_url_env: String,
     /// Records that may wait for the writer before new ones are dropped and counted.
     pub queue_capacity: usize,
     pub store_text: StoreText,
@@ -37,11 +54,53 @@ impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            store: StoreKind::Sqlite,
             path: PathBuf::from("tierd-audit.db"),
+            postgres_url_env: "TIERD_AUDIT_DATABASE_URL".into(),
             queue_capacity: 10_000,
             store_text: StoreText::None,
         }
     }
+}
+
+impl AuditConfig {
+    /// Opens the configured store, creating its schema. Blocking: the PostgreSQL client runs its
+    /// own runtime, so call it outside async code.
+    pub fn open_store(&self) -> Result<Box<dyn AuditStore>, AuditError> {
+        match self.store {
+            StoreKind::Sqlite => Ok(Box::new(SqliteStore::open(&self.path)?)),
+            StoreKind::Postgres => {
+                let url = std::env::var(&self.postgres_url_env).map_err(|_| {
+                    AuditError::Config(format!(
+                        "`audit.store` is postgres, but the environment variable {} that \
+                         `audit.postgres_url_env` names is not set",
+                        self.postgres_url_env
+                    ))
+                })?;
+                Ok(Box::new(PostgresStore::connect(&url)?))
+            }
+        }
+    }
+
+    /// Describes where records go, for the log.
+    pub fn location(&self) -> String {
+        match self.store {
+            StoreKind::Sqlite => self.path.display().to_string(),
+            StoreKind::Postgres => format!("PostgreSQL (URL in {})", self.postgres_url_env),
+        }
+    }
+}
+
+/// Opens the store that `tierd report --db` names: a `postgres://` or `postgresql://` URL, or
+/// else a SQLite file.
+pub fn open_for_reading(db: &str) -> Result<Box<dyn AuditStore>, AuditError> {
+    if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+        return Ok(Box::new(PostgresStore::connect(db)?));
+    }
+    if !std::path::Path::new(db).is_file() {
+        return Err(AuditError::NotFound(db.to_string()));
+    }
+    Ok(Box::new(SqliteStore::open(std::path::Path::new(db))?))
 }
 
 /// The `[pricing]` table. Remote prices come from the `[[provider.model]]` tables.

@@ -1,8 +1,10 @@
 //! The audit trail: one record per request, written in batches by a background thread to a
-//! store (SQLite by default), and the prices its costs are computed with.
+//! store (SQLite by default, or PostgreSQL for several replicas), and the prices its costs are
+//! computed with.
 
 pub mod config;
 pub mod handle;
+pub mod postgres;
 pub mod pricing;
 pub mod record;
 pub mod report;
@@ -11,5 +13,6 @@ pub mod writer;
 
 pub use pricing::{Costs, Price, PriceTable};
 pub use record::AuditRecord;
+pub use postgres::PostgresStore;
 pub use store::{AuditError, AuditStore, SqliteStore};
 pub use writer::{AuditWriter, WriterStats};

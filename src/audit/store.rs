@@ -1,5 +1,5 @@
-//! `AuditStore`: where audit records are written and read back, with SQLite as the built-in
-//! implementation. Another database (PostgreSQL for several replicas) implements the same trait.
+//! `AuditStore`: where audit records are written and read back, with SQLite as the default
+//! implementation. `postgres` has the store that several replicas share.
 
 use std::path::{Path, PathBuf};
 
@@ -14,8 +14,18 @@ pub enum AuditError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("audit database {path} has schema version {found}, newer than this tierd ({supported})")]
-    NewerSchema { path: PathBuf, found: i64, supported: i64 },
+    #[error("audit database {target}: {source}")]
+    Postgres {
+        /// Host, port, user and database, without the password.
+        target: String,
+        source: postgres::Error,
+    },
+    #[error("audit database {location} has schema version {found}, newer than this tierd ({supported})")]
+    NewerSchema { location: String, found: i64, supported: i64 },
+    #[error("invalid audit store setting: {0}")]
+    Config(String),
+    #[error("audit database {0} not found; pass --db with the file (see `[audit] path`) or a postgres:// URL")]
+    NotFound(String),
 }
 
 /// Storage of audit records.
@@ -96,7 +106,7 @@ impl SqliteStore {
             .map_err(error)?;
         if found > SCHEMA_VERSION {
             return Err(AuditError::NewerSchema {
-                path: path.to_path_buf(),
+                location: path.display().to_string(),
                 found,
                 supported: SCHEMA_VERSION,
             });
@@ -137,18 +147,22 @@ impl SqliteStore {
     }
 }
 
-const COLUMNS: &str = "id, time_ms, client, workflow, endpoint, task, route, tier, provider, model, \
+/// Columns of the requests table in both stores, in the order of `AuditRecord`'s fields.
+pub(super) const COLUMNS: &str = "id, time_ms, client, workflow, endpoint, task, route, tier, provider, model, \
     input_tokens, output_tokens, cost_usd, counterfactual_usd, price_version, queue_ms, prefill_ms, \
     decode_ms, upstream_ms, total_ms, confidence, escalation, kept_local, over_budget, status, error, prompt, \
     completion";
 
-/// Converts a token count for SQLite, whose integers are signed 64-bit.
-fn sql_count(value: u64) -> i64 {
+/// Number of names in `COLUMNS`.
+pub(super) const COLUMN_COUNT: usize = 28;
+
+/// Converts a token count for SQL, whose integers are signed 64-bit.
+pub(super) fn sql_count(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// Reads a token count back; a negative value, which tierd never writes, reads as 0.
-fn count(value: i64) -> u64 {
+pub(super) fn count(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
 
@@ -319,6 +333,11 @@ mod tests {
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .expect("version");
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn column_count_matches_the_list() {
+        assert_eq!(COLUMNS.split(',').count(), COLUMN_COUNT);
     }
 
     #[test]

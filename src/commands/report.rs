@@ -1,13 +1,12 @@
 //! `tierd report`: totals of the audit trail, grouped by tier, task, workflow, model or day.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
 use crate::audit::report::{build, GroupBy, Report, ReportRow};
-use crate::audit::{AuditStore, SqliteStore};
+use crate::audit::config::open_for_reading;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -17,7 +16,8 @@ pub enum Format {
 }
 
 pub struct ReportArgs {
-    pub db: PathBuf,
+    /// SQLite file, or `postgres://` URL.
+    pub db: String,
     /// Window ending now, such as 7d or 12h.
     pub since: Duration,
     pub by: GroupBy,
@@ -27,10 +27,7 @@ pub struct ReportArgs {
 }
 
 pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
-    if !args.db.is_file() {
-        anyhow::bail!("audit database {} not found; pass --db or check `[audit] path`", args.db.display());
-    }
-    let store = SqliteStore::open(&args.db)?;
+    let store = open_for_reading(&args.db)?;
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .context("the system clock is before 1970")?

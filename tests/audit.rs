@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
-use mock_provider::MockProvider;
+use mock_provider::{Answer, MockProvider, Script};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tierd::audit::{AuditRecord, SqliteStore};
@@ -23,7 +23,9 @@ const LOCAL_OUT: f64 = 1.0;
 const FRONTIER_IN: f64 = 3.0;
 const FRONTIER_OUT: f64 = 15.0;
 
-fn config(mock: &str) -> String {
+/// Returns the config, with `mock` as the frontier provider and `stalling` as a second provider
+/// whose streams the cut-stream test scripts.
+fn config(mock: &str, stalling: &str) -> String {
     format!(
         r#"
 builtin_tasks = false
@@ -53,6 +55,22 @@ name = "auto"
 local = "{QWEN}"
 tier1 = ["frontier/big"]
 threshold = 1.0
+
+[[provider]]
+name = "stalling"
+kind = "openai"
+base_url = "{stalling}"
+[[provider.model]]
+id = "slow"
+tier = 1
+input_per_mtok = {FRONTIER_IN}
+output_per_mtok = {FRONTIER_OUT}
+
+[[route]]
+name = "stalling"
+local = "{QWEN}"
+tier1 = ["stalling/slow"]
+threshold = 1.0
 "#,
         qwen = model_table(QWEN, None),
     )
@@ -61,6 +79,7 @@ threshold = 1.0
 struct Fixture {
     server: Server,
     _mock: MockProvider,
+    stalling: MockProvider,
 }
 
 static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
@@ -74,12 +93,17 @@ extern "C" fn kill_server() {
 fn fixture() -> &'static Fixture {
     let started = FIXTURE.get_or_init(|| {
         let mock = MockProvider::start_shared()?;
-        let server = Server::try_start("audit", &config(&mock.base_url))?;
+        let stalling = MockProvider::start_shared()?;
+        let server = Server::try_start("audit", &config(&mock.base_url, &stalling.base_url))?;
         // SAFETY: registers a plain function with no captured state.
         if unsafe { libc::atexit(kill_server) } != 0 {
             return Err("atexit failed, so the server would outlive the tests".into());
         }
-        Ok(Fixture { server, _mock: mock })
+        Ok(Fixture {
+            server,
+            _mock: mock,
+            stalling,
+        })
     });
     match started {
         Ok(fixture) => fixture,
@@ -204,6 +228,73 @@ async fn cut_stream_is_recorded_with_the_tokens_generated() {
 }
 
 #[tokio::test]
+async fn cut_provider_stream_is_recorded_with_estimated_tokens() {
+    let fixture = fixture();
+    let server = &fixture.server;
+    fixture.stalling.push(Script::StallAfter { chunks: 2 });
+    let mut body = chat_request("stalling", "Count to four.", 6);
+    body["stream"] = json!(true);
+    let mut response = client()
+        .post(server.url("/v1/chat/completions"))
+        .header("x-request-id", "audit-cut-provider")
+        .json(&body)
+        .send()
+        .await
+        .expect("POST a routed stream");
+    assert_eq!(response.status(), StatusCode::OK);
+    // Read until both relayed deltas ("one ", "two ") arrive, then leave while the provider
+    // stalls.
+    let mut received = String::new();
+    while !received.contains("two ") {
+        let chunk = tokio::time::timeout(Duration::from_secs(60), response.chunk())
+            .await
+            .expect("the relayed deltas arrive")
+            .expect("read the stream")
+            .expect("the stream is open");
+        received.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(response);
+
+    let record = audit_row(&server.audit_db, "audit-cut-provider").await;
+    assert_eq!(record.status, 499, "{record:?}");
+    assert_eq!((record.provider.as_str(), record.model.as_str()), ("stalling", "slow"));
+    assert!(record.error.as_deref().is_some_and(|e| e.contains("estimates")), "{record:?}");
+    // qwen's tokenizer reads "one two " as three tokens; the prompt is the chat template's.
+    assert_eq!(record.output_tokens, 3, "{record:?}");
+    assert!(record.input_tokens > 5, "{record:?}");
+    let cost = usd(record.input_tokens, record.output_tokens, FRONTIER_IN, FRONTIER_OUT);
+    assert_close(record.cost_usd, cost, "cost");
+}
+
+#[tokio::test]
+async fn provider_stream_without_usage_is_counted_locally() {
+    let fixture = fixture();
+    let server = &fixture.server;
+    let mut answer = Answer::new(&["one ", "two ", "three"], "stop", 10, 3);
+    answer.omit_usage = true;
+    fixture.stalling.push(Script::Answer(answer));
+    let mut body = chat_request("stalling", "Count to three.", 6);
+    body["stream"] = json!(true);
+    let response = client()
+        .post(server.url("/v1/chat/completions"))
+        .header("x-request-id", "audit-no-usage")
+        .json(&body)
+        .send()
+        .await
+        .expect("POST a routed stream");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("read the stream");
+    assert!(text.contains("[DONE]"), "{text}");
+
+    let record = audit_row(&server.audit_db, "audit-no-usage").await;
+    assert_eq!(record.status, 200, "{record:?}");
+    assert_eq!(record.provider, "stalling");
+    // qwen's tokenizer reads "one two three" as three tokens, not the local attempt's count.
+    assert_eq!(record.output_tokens, 3, "{record:?}");
+    assert!(record.input_tokens > 5, "{record:?}");
+}
+
+#[tokio::test]
 async fn report_totals_match_the_rows() {
     let server = &fixture().server;
     for (index, workflow) in ["alpha", "alpha", "beta"].iter().enumerate() {
@@ -252,7 +343,7 @@ async fn report_totals_match_the_rows() {
 #[test]
 fn sigterm_under_load_keeps_every_answered_row() {
     let mock = MockProvider::start_shared().expect("mock provider");
-    let server = Server::start("audit-sigterm", &config(&mock.base_url));
+    let server = Server::start("audit-sigterm", &config(&mock.base_url, &mock.base_url));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let ids: Vec<String> = (0..6).map(|i| format!("sigterm-{i}")).collect();
     let answered = runtime.block_on(async {

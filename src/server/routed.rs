@@ -262,7 +262,7 @@ impl Routed<'_> {
             match within(limit, chain.chat_stream(&request)).await {
                 Ok((stream, via)) => {
                     self.mark_remote(&via, candidates, answer.as_ref());
-                    return Ok(self.relay_stream(stream));
+                    return Ok(self.relay_stream(stream, request.messages));
                 }
                 Err(failure) => failure,
             }
@@ -431,7 +431,8 @@ impl Routed<'_> {
         response
     }
 
-    fn relay_stream(&self, stream: ChatStream) -> Response {
+    /// Relays `stream`, the provider's response to `messages`.
+    fn relay_stream(&self, stream: ChatStream, messages: Vec<ChatMessage>) -> Response {
         self.audit_decision();
         let writer = ChunkWriter::new(
             new_id(),
@@ -439,11 +440,18 @@ impl Routed<'_> {
             self.input.params.include_usage,
             self.served.clone(),
         );
+        let cut = CutGuard {
+            audit: self.audit.clone(),
+            finished: false,
+            local: self.local.clone(),
+            messages,
+            relayed: String::new(),
+        };
         let events = relay(
             self.state.clone(),
             stream,
             writer,
-            self.audit.clone(),
+            cut,
             self.served.provider.clone(),
             self.served.model.clone(),
             self.arrived,
@@ -458,19 +466,18 @@ fn relay(
     state: Arc<AppState>,
     mut stream: ChatStream,
     mut writer: ChunkWriter,
-    audit: Option<AuditHandle>,
+    mut cut: CutGuard,
     provider: String,
     model: String,
     sent: Instant,
 ) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
+    let audit = cut.audit.clone();
     async_stream::stream! {
-        let mut cut = CutGuard { audit: audit.clone(), finished: false };
         yield Ok(writer.role());
-        let mut completion = String::new();
         while let Some(item) = stream.next().await {
             match item {
                 Ok(StreamEvent::Delta { text }) => {
-                    completion.push_str(&text);
+                    cut.relayed.push_str(&text);
                     yield Ok(writer.delta(text, None));
                 }
                 Ok(StreamEvent::Finished { finish_reason, usage }) => {
@@ -485,7 +492,13 @@ fn relay(
                             }
                             record.upstream_ms = Some(took);
                         });
-                        audit.set_completion(&completion);
+                        audit.set_completion(&cut.relayed);
+                        // A provider that ignores `stream_options.include_usage` reports no
+                        // usage, and the record would keep the local attempt's counts.
+                        if usage.is_none() {
+                            tracing::info!(%provider, %model, "the provider stream reported no usage; counting tokens locally");
+                            cut.count_tokens(audit.clone());
+                        }
                     }
                     for event in writer.finish(Cow::Owned(finish_reason), usage.map(Usage::from)) {
                         yield Ok(event);
@@ -517,15 +530,48 @@ fn relay(
 }
 
 /// Marks the audit record of a relayed stream that the client left before its end.
-// NOTE: the provider reports usage only at the end, so a cut stream is recorded without tokens.
+///
+/// Providers report usage only in their terminal event. So the tokens of a cut stream, or of a
+/// stream without usage, are counted with the local model's tokenizer: the prompt as the
+/// provider received it, and the text relayed so far. Both counts are estimates, and the record
+/// of a cut stream says so in its error.
 struct CutGuard {
     audit: Option<AuditHandle>,
     finished: bool,
+    /// The route's local model, whose tokenizer counts the tokens.
+    local: Arc<ServedModel>,
+    /// The messages sent to the provider.
+    messages: Vec<ChatMessage>,
+    /// The text relayed to the client so far.
+    relayed: String,
 }
 
 impl CutGuard {
     fn finish(&mut self) {
         self.finished = true;
+    }
+
+    /// Writes the local tokenizer's counts of the prompt and of the relayed text into `audit`.
+    /// Tokenizing a long prompt would stall the async runtime, so it runs on the blocking pool.
+    /// The task holds the audit handle, which delays the record's write until it has counted.
+    fn count_tokens(&mut self, audit: AuditHandle) {
+        let (local, messages, relayed) = (
+            self.local.clone(),
+            std::mem::take(&mut self.messages),
+            self.relayed.clone(),
+        );
+        let count = move || {
+            let input = local.chat_prompt(&messages).ok().flatten().map_or(0, |tokens| tokens.len());
+            let output = local.encode(&relayed, false).map_or(0, |tokens| tokens.len());
+            audit.update(|record| {
+                record.input_tokens = input as u64;
+                record.output_tokens = output as u64;
+            });
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(count)),
+            Err(_) => count(),
+        }
     }
 }
 
@@ -534,12 +580,16 @@ impl Drop for CutGuard {
         if self.finished {
             return;
         }
-        if let Some(audit) = &self.audit {
-            audit.update(|record| {
-                record.status = super::CLIENT_CLOSED;
-                record.error = Some("the client closed the connection before the stream ended".into());
-            });
-        }
+        let Some(audit) = self.audit.take() else { return };
+        audit.update(|record| {
+            record.status = super::CLIENT_CLOSED;
+            record.error = Some(
+                "the client closed the connection before the stream ended; the token counts are \
+                 estimates from the local model's tokenizer"
+                    .into(),
+            );
+        });
+        self.count_tokens(audit);
     }
 }
 

@@ -39,6 +39,9 @@ pub struct Answer {
     pub stop_reason: String,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Leaves usage out of an OpenAI stream, as servers that ignore
+    /// `stream_options.include_usage` do.
+    pub omit_usage: bool,
 }
 
 impl Answer {
@@ -48,6 +51,7 @@ impl Answer {
             stop_reason: stop_reason.to_string(),
             input_tokens,
             output_tokens,
+            omit_usage: false,
         }
     }
 }
@@ -373,7 +377,7 @@ impl WireEvents {
         match self.wire {
             Wire::OpenAi => {
                 let mut chunks = vec![self.openai_chunk(json!({}), json!(answer.stop_reason))];
-                if self.include_usage {
+                if self.include_usage && !answer.omit_usage {
                     let usage = json!({
                         "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": self.model,
                         "choices": [],

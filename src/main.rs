@@ -12,7 +12,7 @@ use tierd::audit::handle::AuditSink;
 use tierd::audit::AuditWriter;
 use tierd::audit::report::GroupBy;
 use tierd::budget::Budgets;
-use tierd::client_keys::{self, ClientKeys};
+use tierd::client_keys::ClientKeys;
 use tierd::metrics::{LabelBounds, Metrics};
 use tierd::server::served::LOCAL_PROVIDER;
 use tierd::commands::report::{Format, ReportArgs};
@@ -374,33 +374,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 fn run_key(action: KeyAction) -> anyhow::Result<()> {
     match action {
-        KeyAction::New { name } => {
-            if name.trim().is_empty() {
-                anyhow::bail!("--name must not be empty");
-            }
-            let key = client_keys::generate();
-            // The key goes to stdout once; the config only ever holds its hash.
-            println!("key: {key}\n");
-            println!("[[client_key]]\nname = {}\nsha256 = \"{}\"", toml_string(&name), client_keys::hash_hex(&key));
-        }
-        KeyAction::Hash => {
-            let mut key = String::new();
-            std::io::stdin()
-                .read_line(&mut key)
-                .context("failed to read the key from standard input")?;
-            let key = key.trim_end_matches(['\r', '\n']);
-            if key.is_empty() {
-                anyhow::bail!("no key on standard input; pipe one in, as in `printf %s \"$KEY\" | tierd key hash`");
-            }
-            println!("{}", client_keys::hash_hex(key));
-        }
+        KeyAction::New { name } => commands::key::print_new_key(&name),
+        KeyAction::Hash => commands::key::print_hash_of_stdin(),
     }
-    Ok(())
-}
-
-/// Quotes `text` as a TOML basic string.
-fn toml_string(text: &str) -> String {
-    toml::Value::String(text.to_string()).to_string()
 }
 
 /// Opens the audit database and starts its writer, unless `[audit] enabled = false`; records

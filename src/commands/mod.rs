@@ -1,8 +1,9 @@
-//! Offline commands that run without the HTTP server: `tierd train`, `tierd eval` and
-//! `tierd report`.
+//! Offline commands that run without the HTTP server: `tierd train`, `tierd eval`,
+//! `tierd report` and `tierd key`.
 
 pub mod escalation_eval;
 pub mod eval;
+pub mod key;
 pub mod report;
 pub mod train;
 

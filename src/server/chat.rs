@@ -69,7 +69,7 @@ pub async fn chat_completions(
 
 /// Records the request's workflow and its prompt.
 fn audit_request(audit: &AuditHandle, body: &ChatCompletionRequest) {
-    super::tag_workflow(audit, body.fields.metadata.as_ref(), body.fields.user.as_deref());
+    super::audit::tag_workflow(audit, body.fields.metadata.as_ref(), body.fields.user.as_deref());
     let prompt: Vec<String> = body
         .messages
         .iter()

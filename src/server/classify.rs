@@ -148,7 +148,7 @@ pub async fn classify(
     let arrived = Instant::now();
     let audit = audit.map(|handle| handle.0);
     if let Some(audit) = &audit {
-        super::tag_workflow(audit, request.metadata.as_ref(), request.user.as_deref());
+        super::audit::tag_workflow(audit, request.metadata.as_ref(), request.user.as_deref());
         let task = request.task.clone();
         audit.update(|record| record.task = Some(task));
     }

@@ -29,7 +29,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let audit = audit.map(|handle| handle.0);
     if let Some(audit) = &audit {
-        super::tag_workflow(audit, body.fields.metadata.as_ref(), body.fields.user.as_deref());
+        super::audit::tag_workflow(audit, body.fields.metadata.as_ref(), body.fields.user.as_deref());
     }
     let registry = state.registry()?;
     let served = registry

@@ -4,10 +4,11 @@
 //! requests to a route and `served` for the record of how each was served. `classify` contains the
 //! classification endpoints, with `classify_escalation` for results sent to providers, and
 //! `models` the listing and health routes. `json` and `error` turn bad input into OpenAI-style
-//! errors, and `params` validates the sampling fields that both endpoints share. The
-//! `audit_request` middleware starts each inference request's audit record, `auth` checks
-//! client keys, `budget` applies the workflow prompt budgets and `metrics` serves `/metrics`.
+//! errors, and `params` validates the sampling fields that both endpoints share. The `audit`
+//! middleware starts each inference request's audit record, `auth` checks client keys,
+//! `budget` applies the workflow prompt budgets and `metrics` serves `/metrics`.
 
+mod audit;
 mod auth;
 mod budget;
 mod chat;
@@ -28,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::sse::Event;
@@ -39,7 +40,6 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::audit::handle::{AuditHandle, AuditSink};
-use crate::audit::AuditRecord;
 use crate::budget::Budgets;
 use crate::classify::TaskSet;
 use crate::client_keys::ClientKeys;
@@ -128,7 +128,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Each layer wraps the ones above it, so the audit record exists before authentication
         // and a rejected key is recorded too.
         .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
-        .layer(middleware::from_fn_with_state(state.clone(), audit_request))
+        .layer(middleware::from_fn_with_state(state.clone(), audit::audit_request))
         .layer(middleware::from_fn(move |mut request: Request, next: Next| {
             request.extensions_mut().insert(BodyLimit(limit));
             request_span(request, next)
@@ -171,99 +171,6 @@ async fn request_span(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert(REQUEST_ID_HEADER.clone(), value);
     }
     response
-}
-
-/// Endpoints whose requests are audited.
-const AUDITED: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/classify"];
-
-/// Header naming the workflow a request belongs to, for cost reports.
-static WORKFLOW_HEADER: HeaderName = HeaderName::from_static("x-tierd-workflow");
-
-/// Creates the audit record of an inference request, for the handler to fill in, and records
-/// the response's status and error.
-async fn audit_request(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
-    let path = request.uri().path().to_string();
-    if !AUDITED.contains(&path.as_str()) {
-        return next.run(request).await;
-    }
-    let sink = state.audit.clone();
-    let id = request
-        .extensions()
-        .get::<RequestId>()
-        .map(|id| id.0.clone())
-        .unwrap_or_default();
-    let workflow = request
-        .headers()
-        .get(&WORKFLOW_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .map(|v| v.chars().take(MAX_WORKFLOW_CHARS).collect());
-    let record = AuditRecord {
-        id,
-        time_ms: unix_time_ms(),
-        workflow,
-        endpoint: path,
-        tier: 3,
-        provider: LOCAL_PROVIDER.to_string(),
-        ..Default::default()
-    };
-    let handle = AuditHandle::new(sink, record);
-    request.extensions_mut().insert(handle.clone());
-
-    let mut response = next.run(request).await;
-    let status = response.status().as_u16();
-    let error = response.extensions().get::<error::ErrorMessage>().map(|m| m.0.clone());
-    handle.update(|record| {
-        record.status = status;
-        record.error = error;
-    });
-    // NOTE: a stream's cost is known only when it ends, after the headers are sent, so streamed
-    // responses carry no cost header; the audit record and the metrics have it.
-    if !is_event_stream(&response) {
-        if let Ok(value) = HeaderValue::from_str(&format!("{:.9}", handle.cost_usd())) {
-            response.headers_mut().insert(COST_HEADER.clone(), value);
-        }
-    }
-    response
-}
-
-/// Header with the cost of a non-streamed inference request, in USD.
-static COST_HEADER: HeaderName = HeaderName::from_static("x-tierd-cost-usd");
-
-fn is_event_stream(response: &Response) -> bool {
-    response
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"))
-}
-
-/// Longest workflow tag kept, in characters; longer tags are cut.
-const MAX_WORKFLOW_CHARS: usize = 128;
-
-/// Metadata key whose value names the request's workflow.
-const WORKFLOW_METADATA_KEY: &str = "workflow";
-
-/// Sets the record's workflow from the body when no `X-Tierd-Workflow` header set it: the
-/// `workflow` metadata value, or else the OpenAI `user` field.
-fn tag_workflow(audit: &AuditHandle, metadata: Option<&HashMap<String, String>>, user: Option<&str>) {
-    let tag = metadata
-        .and_then(|m| m.get(WORKFLOW_METADATA_KEY))
-        .map(String::as_str)
-        .or(user)
-        .filter(|tag| !tag.is_empty())
-        .map(|tag| tag.chars().take(MAX_WORKFLOW_CHARS).collect::<String>());
-    audit.update(|record| {
-        if record.workflow.is_none() {
-            record.workflow = tag;
-        }
-    });
-}
-
-fn unix_time_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A request accepted by a model's worker.

@@ -86,6 +86,9 @@ pub struct ServerConfig {
     pub encoder_queue_capacity: usize,
     /// `max_tokens` of a request that does not set it.
     pub default_max_tokens: usize,
+    /// How often the config file is checked for changes, in milliseconds; 0 reloads it only on
+    /// SIGHUP.
+    pub config_poll_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -97,6 +100,7 @@ impl Default for ServerConfig {
             queue_capacity: 16,
             encoder_queue_capacity: 256,
             default_max_tokens: 512,
+            config_poll_ms: 1000,
         }
     }
 }

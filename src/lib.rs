@@ -17,3 +17,4 @@ pub mod audit;
 pub mod budget;
 pub mod client_keys;
 pub mod metrics;
+pub mod policy;

@@ -3,6 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -11,16 +14,15 @@ use tierd::commands::{self, eval::EvalArgs, train::TrainArgs};
 use tierd::audit::handle::AuditSink;
 use tierd::audit::AuditWriter;
 use tierd::audit::report::GroupBy;
-use tierd::budget::Budgets;
-use tierd::client_keys::ClientKeys;
+use tierd::audit::PriceTable;
 use tierd::metrics::{LabelBounds, Metrics};
+use tierd::policy::reload::{self, ConfigSource};
+use tierd::policy::{locate, Policy};
 use tierd::server::served::LOCAL_PROVIDER;
 use tierd::commands::report::{Format, ReportArgs};
 use tierd::config::Config;
 use tierd::registry::{self, Registry, ServedModel};
 use tierd::routing::config::RouteMode;
-use tierd::routing::route::Route;
-use tierd::routing::upstreams::Upstreams;
 use tierd::server::{self, AppState};
 use tracing_subscriber::EnvFilter;
 
@@ -175,27 +177,27 @@ fn main() -> anyhow::Result<()> {
             models_dir,
             audit_db,
         } => {
-            let mut config = match config {
-                Some(path) => Config::load(&path)?,
-                None => Config::default(),
+            let source = ConfigSource {
+                path: config.clone().unwrap_or_default(),
+                host,
+                port,
+                models_dir,
+                audit_db,
             };
-            if let Some(host) = host {
-                config.server.host = host;
-            }
-            if let Some(port) = port {
-                config.server.port = port;
-            }
-            if let Some(dir) = models_dir {
-                config.models_dir = dir;
-            }
-            if let Some(path) = audit_db {
-                config.audit.path = path;
-            }
+            let (mut loaded, text) = match &config {
+                Some(path) => (Config::load(path)?, std::fs::read_to_string(path).unwrap_or_default()),
+                None => (Config::default(), String::new()),
+            };
+            source.apply_overrides(&mut loaded);
+            let policy = Policy::build(loaded, None).map_err(|message| match locate::line_of(&text, &message) {
+                Some(line) => anyhow::anyhow!("invalid config file {}, line {line}: {message}", source.path.display()),
+                None => anyhow::anyhow!("invalid configuration: {message}"),
+            })?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("failed to start the async runtime")?
-                .block_on(serve(config))
+                .block_on(serve(policy, config.map(|_| source)))
         }
         Command::Train {
             task,
@@ -254,18 +256,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let models = config.resolved_models()?;
-    let tasks = config.resolved_tasks()?;
-    let encoders = config.encoders_for(&tasks)?;
-    let resilience = config.validate_routing(&models, &tasks)?;
-    let upstreams = Upstreams::new(&config.providers, resilience)?;
-    let routes = config
-        .routes
-        .iter()
-        .map(|route| Route::new(route.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
+async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<()> {
+    let (models, tasks, encoders) = (policy.models.clone(), policy.tasks.clone(), policy.encoders.clone());
+    let config = &policy.config;
     // Fail before binding when a local file is missing, rather than after a partial load.
     for model in &models {
         registry::local_path(model)?;
@@ -284,8 +277,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let queue_capacity = config.server.queue_capacity;
     let encoder_queue_capacity = config.server.encoder_queue_capacity;
-    let client_keys = ClientKeys::new(&config.client_keys).map_err(anyhow::Error::msg)?;
-    let budgets = Budgets::new(&config.workflows).map_err(anyhow::Error::msg)?;
     let labels = LabelBounds::new(
         models
             .iter()
@@ -293,15 +284,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .chain(config.providers.iter().flat_map(|p| p.models.iter().map(|m| m.id.clone()))),
         config.providers.iter().map(|p| p.name.clone()).chain([LOCAL_PROVIDER.to_string()]),
         tasks.iter().map(|t| t.name.clone()),
-        budgets.workflows().map(str::to_string),
+        policy.budgets.workflows().map(str::to_string),
         config.metrics.max_workflows,
     );
     let metrics = Arc::new(Metrics::new(labels).context("failed to register the metrics")?);
-    let audit = open_audit(&config, metrics).await?;
-    if client_keys.required() {
+    let audit = open_audit(config, &policy.prices, metrics).await?;
+    if policy.client_keys.required() {
         tracing::info!(keys = config.client_keys.len(), "client keys are required on every endpoint but /health");
     }
-    let state = Arc::new(AppState::new(config, upstreams, routes, audit.clone(), client_keys, budgets));
+    let poll = Duration::from_millis(config.server.config_poll_ms);
+    let state = Arc::new(AppState::new(policy, source, audit.clone()));
+    if state.config_source.is_some() {
+        let interval = (!poll.is_zero()).then_some(poll);
+        tokio::spawn(reload::watch(state.clone(), interval));
+    }
     let loader_state = state.clone();
     tokio::task::spawn_blocking(move || {
         let mut served = Vec::with_capacity(models.len());
@@ -324,7 +320,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         };
         match load_tasks(tasks, &encoders, registry, encoder_queue_capacity) {
             Ok(tasks) => {
-                for route in loader_state.routes.values() {
+                for route in loader_state.policy().routes.values() {
                     let labels: Vec<String> = tasks
                         .get(&route.config.route_task)
                         .map(|task| task.labels.iter().map(|l| l.name.clone()).collect())
@@ -381,8 +377,8 @@ fn run_key(action: KeyAction) -> anyhow::Result<()> {
 
 /// Opens the audit database and starts its writer, unless `[audit] enabled = false`; records
 /// then feed only `metrics`.
-async fn open_audit(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<AuditSink>> {
-    let prices = config.pricing.table(&config.providers).map_err(anyhow::Error::msg)?;
+async fn open_audit(config: &Config, prices: &PriceTable, metrics: Arc<Metrics>) -> anyhow::Result<Arc<AuditSink>> {
+    let prices = ArcSwap::from_pointee(prices.clone());
     if !config.audit.enabled {
         tracing::info!("the audit trail is disabled; requests are only counted in the metrics");
         return Ok(Arc::new(AuditSink {
@@ -391,9 +387,6 @@ async fn open_audit(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Ar
             prices,
             store_text: config.audit.store_text,
         }));
-    }
-    if config.audit.queue_capacity == 0 {
-        anyhow::bail!("`audit.queue_capacity` must be at least 1");
     }
     // The PostgreSQL client blocks on a runtime of its own, which must not start on this one.
     let audit_config = config.audit.clone();

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use super::config::StoreText;
@@ -19,7 +20,8 @@ pub struct AuditSink {
     /// `None` when `[audit] enabled = false`: records then feed only the metrics.
     pub writer: Option<AuditWriter>,
     pub metrics: Arc<Metrics>,
-    pub prices: PriceTable,
+    /// The prices of the policy in force; a reload swaps them.
+    pub prices: ArcSwap<PriceTable>,
     pub store_text: StoreText,
 }
 
@@ -36,7 +38,7 @@ impl Drop for Draft {
         let costs = self.sink.costs(&record);
         record.cost_usd = costs.cost_usd;
         record.counterfactual_usd = costs.counterfactual_usd;
-        record.price_version = self.sink.prices.version.clone();
+        record.price_version = self.sink.prices.load().version.clone();
         self.sink.metrics.observe(&record);
         if let Some(writer) = &self.sink.writer {
             writer.record(record);
@@ -50,6 +52,7 @@ impl AuditSink {
     fn costs(&self, record: &AuditRecord) -> Costs {
         let costs = self
             .prices
+            .load()
             .costs(&record.provider, &record.model, record.input_tokens, record.output_tokens);
         Costs {
             cost_usd: record.cost_usd + costs.cost_usd,

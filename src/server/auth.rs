@@ -15,7 +15,8 @@ use crate::audit::handle::AuditHandle;
 /// Checks the request's key, rejects it with 401 when it is missing or unknown, and records the
 /// key's name in the audit record.
 pub async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    if !state.client_keys.required() || request.uri().path() == "/health" {
+    let policy = state.policy();
+    if !policy.client_keys.required() || request.uri().path() == "/health" {
         return next.run(request).await;
     }
     let header = request.headers().get(AUTHORIZATION).map(|value| value.to_str());
@@ -34,7 +35,7 @@ pub async fn authenticate(State(state): State<Arc<AppState>>, request: Request, 
             }
         },
     };
-    let Some(name) = state.client_keys.name_of(key) else {
+    let Some(name) = policy.client_keys.name_of(key) else {
         return reject(&state, "invalid", "Incorrect API key provided.", "invalid_api_key");
     };
     if let Some(audit) = request.extensions().get::<AuditHandle>() {

@@ -1,16 +1,24 @@
 //! Applies the workflow prompt budgets to a prompt once its tokens are counted.
 
 use super::error::ApiError;
-use super::AppState;
 use crate::audit::handle::AuditHandle;
-use crate::budget::{BudgetAction, ANY_WORKFLOW};
+use crate::budget::{BudgetAction, Budgets, ANY_WORKFLOW};
+use crate::metrics::Metrics;
+
+/// The budgets of the policy a request started with, and the metrics that count prompts over
+/// them.
+#[derive(Clone, Copy)]
+pub(super) struct BudgetGate<'a> {
+    pub budgets: &'a Budgets,
+    pub metrics: &'a Metrics,
+}
 
 /// Checks a prompt of `prompt_tokens` against its workflow's budget. A prompt over a `warn`
 /// budget is logged, counted and flagged in its audit record; over a `reject` budget it also
 /// gets 400 naming the budget and `param`. A request whose record is already flagged is not
 /// counted again, because a routed request may count its prompt twice.
 pub(super) fn check_budget(
-    state: &AppState,
+    gate: BudgetGate<'_>,
     audit: Option<&AuditHandle>,
     prompt_tokens: usize,
     param: &str,
@@ -18,7 +26,7 @@ pub(super) fn check_budget(
     let (workflow, flagged) = audit.map_or((None, false), |audit| {
         audit.read(|record| (record.workflow.clone(), record.over_budget.is_some()))
     });
-    let Some(over) = state.budgets.check(workflow.as_deref(), prompt_tokens) else {
+    let Some(over) = gate.budgets.check(workflow.as_deref(), prompt_tokens) else {
         return Ok(());
     };
     if flagged && over.action == BudgetAction::Warn {
@@ -26,7 +34,7 @@ pub(super) fn check_budget(
     }
     let action = over.action.as_str();
     let workflow_label = workflow.as_deref().unwrap_or("");
-    state.audit.metrics.budget_exceeded(workflow_label, action);
+    gate.metrics.budget_exceeded(workflow_label, action);
     tracing::warn!(
         workflow = workflow_label,
         budget = %over.budget,

@@ -17,11 +17,12 @@ use super::openai::{
     Usage,
 };
 use super::params::{check_context, reject_unsupported, validate, Validated, MAX_TOP_LOGPROBS};
-use super::budget::check_budget;
+use super::budget::{check_budget, BudgetGate};
 use super::served::Served;
 use super::{submit, unix_time, AppState, Collected, Submitted, SYSTEM_FINGERPRINT};
 use crate::engine::{ChatMessage, GenerationEvent, GenerationRequest, TokenLogprob};
 use crate::audit::handle::AuditHandle;
+use crate::policy::Policy;
 use crate::registry::ServedModel;
 use crate::routing::criteria::{Criteria, CriteriaFields};
 
@@ -37,19 +38,24 @@ pub async fn chat_completions(
     if let Some(audit) = &audit {
         audit_request(audit, &body);
     }
-    if let Some(route) = state.routes.get(&body.model) {
-        return super::routed::chat(&state, route, &request_id, audit, &headers, body).await;
+    let policy = state.policy();
+    if let Some(route) = policy.routes.get(&body.model) {
+        return super::routed::chat(&state, &policy, route, &request_id, audit, &headers, body).await;
     }
     let registry = state.registry()?;
     let served = registry
         .get(&body.model)
         .ok_or_else(|| ApiError::model_not_found(&body.model))?;
-    let input = ChatInput::parse(body, &state)?;
+    let input = ChatInput::parse(body, &policy)?;
     // Criteria only steer routes, but a malformed one is still an error.
     Criteria::from_request(&headers, input.criteria.as_ref())?;
 
+    let gate = BudgetGate {
+        budgets: &policy.budgets,
+        metrics: &state.audit.metrics,
+    };
     let submitted = submit_chat(
-        &state,
+        gate,
         &served,
         input.messages.clone(),
         &input.params,
@@ -100,7 +106,7 @@ pub(super) struct ChatInput {
 }
 
 impl ChatInput {
-    pub fn parse(body: ChatCompletionRequest, state: &AppState) -> Result<Self, ApiError> {
+    pub fn parse(body: ChatCompletionRequest, policy: &Policy) -> Result<Self, ApiError> {
         reject_unsupported("tools", &body.tools, &[serde_json::json!([])])?;
         reject_unsupported("tool_choice", &body.tool_choice, &[serde_json::json!("none")])?;
         reject_unsupported("functions", &body.functions, &[serde_json::json!([])])?;
@@ -129,7 +135,7 @@ impl ChatInput {
         let override_max = body
             .max_completion_tokens
             .map(|value| (value, "max_completion_tokens"));
-        let params = validate(body.fields, override_max, state.config.server.default_max_tokens)?;
+        let params = validate(body.fields, override_max, policy.config.server.default_max_tokens)?;
         Ok(Self {
             messages,
             params,
@@ -150,7 +156,7 @@ pub(super) fn new_id() -> String {
 /// Renders `messages` with the model's chat template, checks the prompt against the workflow's
 /// budget and the context length, and queues the generation.
 pub(super) async fn submit_chat(
-    state: &AppState,
+    gate: BudgetGate<'_>,
     served: &Arc<ServedModel>,
     messages: Vec<ChatMessage>,
     params: &Validated,
@@ -159,7 +165,7 @@ pub(super) async fn submit_chat(
     audit: Option<AuditHandle>,
 ) -> Result<Submitted, ApiError> {
     let prompt_tokens = tokenize_chat(served, messages).await?;
-    check_budget(state, audit.as_ref(), prompt_tokens.len(), "messages")?;
+    check_budget(gate, audit.as_ref(), prompt_tokens.len(), "messages")?;
     check_context(prompt_tokens.len(), served.context_length, "messages")?;
 
     let max_tokens = params

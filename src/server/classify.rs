@@ -146,6 +146,7 @@ pub async fn classify(
     ApiJson(request): ApiJson<ClassifyRequest>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
+    let policy = state.policy();
     let audit = audit.map(|handle| handle.0);
     if let Some(audit) = &audit {
         super::audit::tag_workflow(audit, request.metadata.as_ref(), request.user.as_deref());
@@ -176,13 +177,15 @@ pub async fn classify(
     let texts = if task.escalate.is_some() { inputs.clone() } else { Vec::new() };
     let classification = task.clone().classify(inputs).await.map_err(classify_error)?;
 
-    let threshold = criteria.min_confidence.unwrap_or(task.threshold);
+    let threshold = criteria
+        .min_confidence
+        .unwrap_or_else(|| policy.threshold(&task.name, task.threshold));
     let outcomes = match &task.escalate {
         Some(escalate) => {
             let escalator = Escalator {
                 task: &task,
                 escalate,
-                upstreams: &state.upstreams,
+                upstreams: &policy.upstreams,
                 criteria,
                 arrived,
                 threshold,
@@ -274,13 +277,14 @@ pub struct TaskList {
 
 pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Result<axum::Json<TaskList>, ApiError> {
     let tasks = state.tasks()?;
+    let policy = state.policy();
     let data = tasks
         .iter()
         .map(|task| TaskCard {
             name: task.name.clone(),
             description: task.description.clone(),
             labels: task.labels.clone(),
-            threshold: task.threshold,
+            threshold: policy.threshold(&task.name, task.threshold),
             max_input_tokens: task.max_input_tokens,
             on_overflow: task.on_overflow,
             backends: task

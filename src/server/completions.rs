@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::json::ApiJson;
 use super::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, PromptField, Usage};
 use super::params::{check_context, reject_unsupported, validate};
-use super::budget::check_budget;
+use super::budget::{check_budget, BudgetGate};
 use super::served::Served;
 use crate::audit::handle::AuditHandle;
 use super::{submit, unix_time, AppState, Submitted, SYSTEM_FINGERPRINT};
@@ -28,6 +28,7 @@ pub async fn completions(
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let audit = audit.map(|handle| handle.0);
+    let policy = state.policy();
     if let Some(audit) = &audit {
         super::audit::tag_workflow(audit, body.fields.metadata.as_ref(), body.fields.user.as_deref());
     }
@@ -86,8 +87,12 @@ pub async fn completions(
         return Err(ApiError::invalid_request("`prompt` must not be empty.", Some("prompt")));
     }
 
-    let params = validate(body.fields, None, state.config.server.default_max_tokens)?;
-    check_budget(&state, audit.as_ref(), prompt_tokens.len(), "prompt")?;
+    let params = validate(body.fields, None, policy.config.server.default_max_tokens)?;
+    let gate = BudgetGate {
+        budgets: &policy.budgets,
+        metrics: &state.audit.metrics,
+    };
+    check_budget(gate, audit.as_ref(), prompt_tokens.len(), "prompt")?;
     check_context(prompt_tokens.len(), served.context_length, "prompt")?;
     let max_tokens = params
         .max_tokens

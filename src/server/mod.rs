@@ -24,9 +24,10 @@ mod params;
 mod routed;
 pub mod served;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -40,15 +41,12 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::audit::handle::{AuditHandle, AuditSink};
-use crate::budget::Budgets;
 use crate::classify::TaskSet;
-use crate::client_keys::ClientKeys;
-use crate::config::Config;
+use crate::policy::reload::ConfigSource;
+use crate::policy::Policy;
 use crate::engine::generate::Timings;
 use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
 use crate::registry::{Registry, ServedModel};
-use crate::routing::route::Route;
-use crate::routing::upstreams::Upstreams;
 use error::ApiError;
 use json::BodyLimit;
 use openai::Usage;
@@ -57,18 +55,15 @@ use served::LOCAL_PROVIDER;
 pub const SYSTEM_FINGERPRINT: &str = concat!("tierd-", env!("CARGO_PKG_VERSION"));
 
 pub struct AppState {
-    pub config: Config,
-    /// Remote providers that requests escalate to; empty when none is configured.
-    pub upstreams: Upstreams,
-    /// Routes by the model name clients request.
-    pub routes: HashMap<String, Route>,
+    /// The policy in force for new requests; `policy::reload` swaps it.
+    pub policy: ArcSwap<Policy>,
+    /// The config file and command-line options that reloads read; `None` without `--config`.
+    pub config_source: Option<ConfigSource>,
+    /// Serialises reloads, which may come from the file watcher and SIGHUP at once.
+    pub reload_lock: Mutex<()>,
     /// Destination of finished requests' records: the metrics, and the audit store unless
     /// `[audit] enabled = false`.
     pub audit: Arc<AuditSink>,
-    /// Keys that clients must send; none configured leaves the API open.
-    pub client_keys: ClientKeys,
-    /// Prompt budgets by workflow.
-    pub budgets: Budgets,
     /// Set once every model has loaded. Until then the generation routes return 503.
     pub registry: OnceLock<Registry>,
     /// Set once the tasks' encoders and heads have loaded, after the models.
@@ -76,24 +71,20 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(
-        config: Config,
-        upstreams: Upstreams,
-        routes: Vec<Route>,
-        audit: Arc<AuditSink>,
-        client_keys: ClientKeys,
-        budgets: Budgets,
-    ) -> Self {
+    pub fn new(policy: Policy, config_source: Option<ConfigSource>, audit: Arc<AuditSink>) -> Self {
         Self {
-            config,
-            upstreams,
+            policy: ArcSwap::from_pointee(policy),
+            config_source,
+            reload_lock: Mutex::new(()),
             audit,
-            client_keys,
-            budgets,
-            routes: routes.into_iter().map(|route| (route.name().to_string(), route)).collect(),
             registry: OnceLock::new(),
             tasks: OnceLock::new(),
         }
+    }
+
+    /// Returns the policy in force. A request keeps the one it started with.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
     }
 
     fn registry(&self) -> Result<&Registry, ApiError> {
@@ -112,7 +103,7 @@ pub struct RequestId(pub String);
 static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.config.server.max_body_bytes;
+    let limit = state.policy().config.server.max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))

@@ -34,7 +34,8 @@ fn route_card(name: &str, state: &AppState) -> ModelCard {
 
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Result<axum::Json<ModelList>, ApiError> {
     let registry = state.registry()?;
-    let mut routes: Vec<&String> = state.routes.keys().collect();
+    let policy = state.policy();
+    let mut routes: Vec<&String> = policy.routes.keys().collect();
     routes.sort();
     let data = registry
         .iter()
@@ -53,7 +54,7 @@ pub async fn retrieve_model(
     Path(id): Path<String>,
 ) -> Result<axum::Json<ModelCard>, ApiError> {
     let registry = state.registry()?;
-    if state.routes.contains_key(&id) {
+    if state.policy().routes.contains_key(&id) {
         return Ok(axum::Json(route_card(&id, &state)));
     }
     let served = registry.get(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
@@ -83,7 +84,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         })
         .collect();
     let tasks: Vec<&str> = tasks.iter().map(|task| task.name.as_str()).collect();
-    let providers: Vec<_> = state
+    let policy = state.policy();
+    let providers: Vec<_> = policy
         .upstreams
         .breaker_states()
         .into_iter()

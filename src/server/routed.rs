@@ -25,7 +25,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 
-use super::budget::check_budget;
+use super::budget::{check_budget, BudgetGate};
 use super::chat::{
     chat_logprob, completion_response, new_id, sse_response, submit_chat, tokenize_chat, ChatInput, ChunkWriter,
 };
@@ -36,6 +36,7 @@ use super::served::Served;
 use super::{unix_time, AppState, Collected, SYSTEM_FINGERPRINT};
 use crate::audit::handle::AuditHandle;
 use crate::engine::ChatMessage;
+use crate::policy::Policy;
 use crate::providers::{ChatRequest, ChatStream, StreamEvent};
 use crate::registry::ServedModel;
 use crate::routing::confidence::{answer_confidence, TOP_LOGPROBS_NEEDED};
@@ -45,6 +46,7 @@ use crate::routing::gate::{self, Candidate, Cleared, Escalation, KeptLocal};
 use crate::routing::pii::{detect, Detection};
 use crate::routing::resilience::{self, ChainError};
 use crate::routing::route::Route;
+use crate::routing::upstreams::Upstreams;
 
 /// A complete local completion and its confidence.
 struct LocalAnswer {
@@ -55,6 +57,8 @@ struct LocalAnswer {
 /// Everything a routed request carries from one step to the next.
 struct Routed<'a> {
     state: &'a Arc<AppState>,
+    /// The policy in force when the request arrived, kept to its end.
+    policy: &'a Arc<Policy>,
     route: &'a Route,
     request_id: &'a str,
     arrived: Instant,
@@ -73,6 +77,7 @@ struct Routed<'a> {
 
 pub async fn chat(
     state: &Arc<AppState>,
+    policy: &Arc<Policy>,
     route: &Route,
     request_id: &str,
     audit: Option<AuditHandle>,
@@ -80,7 +85,7 @@ pub async fn chat(
     body: ChatCompletionRequest,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let input = ChatInput::parse(body, state)?;
+    let input = ChatInput::parse(body, policy)?;
     let criteria = Criteria::from_request(headers, input.criteria.as_ref())?;
     let local = state.registry()?.get(&route.config.local).ok_or_else(|| {
         ApiError::internal(format!(
@@ -99,6 +104,7 @@ pub async fn chat(
 
     let mut routed = Routed {
         state,
+        policy,
         route,
         request_id,
         arrived,
@@ -115,6 +121,13 @@ pub async fn chat(
 }
 
 impl Routed<'_> {
+    fn budget_gate(&self) -> BudgetGate<'_> {
+        BudgetGate {
+            budgets: &self.policy.budgets,
+            metrics: &self.state.audit.metrics,
+        }
+    }
+
     async fn run(&mut self) -> Result<Response, ApiError> {
         let threshold = match self.route.config.mode {
             RouteMode::Cascade => Some(self.criteria.min_confidence.unwrap_or(self.route.config.threshold)),
@@ -124,7 +137,7 @@ impl Routed<'_> {
                     // The prompt goes to a provider without local generation, so its budget is
                     // checked here, in the local model's tokens.
                     let tokens = tokenize_chat(&self.local, self.input.messages.clone()).await?;
-                    check_budget(self.state, self.audit.as_ref(), tokens.len(), "messages")?;
+                    check_budget(self.budget_gate(), self.audit.as_ref(), tokens.len(), "messages")?;
                     return self.escalate_or_keep(Escalation::PreRoute, self.route.candidates(tier), None).await;
                 }
             },
@@ -161,7 +174,7 @@ impl Routed<'_> {
             &candidates,
             contains_pii,
             self.route.config.pii,
-            &self.state.upstreams,
+            &self.policy.upstreams,
             self.arrived.elapsed(),
         );
         match cleared {
@@ -177,7 +190,7 @@ impl Routed<'_> {
     async fn answer_locally(&mut self) -> Result<LocalAnswer, ApiError> {
         let logprobs = self.input.top_logprobs.unwrap_or(0).max(TOP_LOGPROBS_NEEDED);
         let submitted = submit_chat(
-            self.state,
+            self.budget_gate(),
             &self.local,
             self.input.messages.clone(),
             &self.input.params,
@@ -255,7 +268,7 @@ impl Routed<'_> {
     ) -> Result<Response, ApiError> {
         let request = self.provider_request(cleared.redact);
         self.served.redacted = cleared.redact;
-        let chain = self.state.upstreams.chain(&cleared.models);
+        let chain = self.policy.upstreams.chain(&cleared.models);
         let limit = cleared.remaining;
 
         let outcome = if self.input.params.stream {
@@ -269,7 +282,7 @@ impl Routed<'_> {
         } else {
             match within(limit, chain.chat(&request)).await {
                 Ok((result, via)) => {
-                    self.state.upstreams.record_latency(&via.provider, &via.model, result.timing.total);
+                    self.policy.upstreams.record_latency(&via.provider, &via.model, result.timing.total);
                     self.mark_remote(&via, candidates, answer.as_ref());
                     return Ok(self.reply_remote(result));
                 }
@@ -448,7 +461,7 @@ impl Routed<'_> {
             relayed: String::new(),
         };
         let events = relay(
-            self.state.clone(),
+            self.policy.upstreams.clone(),
             stream,
             writer,
             cut,
@@ -463,7 +476,7 @@ impl Routed<'_> {
 /// Relays a provider's stream as chat completion chunks. A failure after the stream started
 /// ends it with an error event and no `[DONE]`, so the client sees the cut.
 fn relay(
-    state: Arc<AppState>,
+    upstreams: Arc<Upstreams>,
     mut stream: ChatStream,
     mut writer: ChunkWriter,
     mut cut: CutGuard,
@@ -482,7 +495,7 @@ fn relay(
                 }
                 Ok(StreamEvent::Finished { finish_reason, usage }) => {
                     cut.finish();
-                    state.upstreams.record_latency(&provider, &model, sent.elapsed());
+                    upstreams.record_latency(&provider, &model, sent.elapsed());
                     if let Some(audit) = &audit {
                         let took = sent.elapsed().as_secs_f64() * 1000.0;
                         audit.update(|record| {

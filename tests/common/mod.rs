@@ -78,6 +78,8 @@ pub struct Server {
     pub pid: u32,
     /// The audit database, created fresh at each start.
     pub audit_db: PathBuf,
+    /// The config file the server reads, which tests of live reloads edit.
+    pub config_path: PathBuf,
     child: Mutex<Child>,
     log_path: PathBuf,
 }
@@ -139,6 +141,7 @@ impl Server {
             base_url: format!("http://127.0.0.1:{port}"),
             pid: child.id(),
             audit_db,
+            config_path,
             child: Mutex::new(child),
             log_path,
         };

@@ -1,0 +1,151 @@
+//! The live policy: every part of the config that may change while the server runs, checked
+//! as a whole and swapped in at once.
+//!
+//! A request takes the policy in force when it starts and keeps it until it ends, so a change
+//! never applies to half a request. `reload` re-reads the config file when it changes or on
+//! SIGHUP, and `locate` finds the line of the field that a validation error names.
+//!
+//! Models, encoders, task definitions (other than thresholds), `[server]`, `[audit]` and
+//! `[metrics]` are fixed when the server starts. A changed file applies the rest, and the log
+//! names the sections that need a restart.
+
+pub mod locate;
+pub mod reload;
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use crate::audit::PriceTable;
+use crate::budget::Budgets;
+use crate::classify::TaskConfig;
+use crate::client_keys::ClientKeys;
+use crate::config::{Config, ConfigError, EncoderConfig, ModelConfig};
+use crate::routing::route::Route;
+use crate::routing::upstreams::Upstreams;
+
+/// The parts of the config in force for new requests.
+pub struct Policy {
+    /// The config this policy was built from.
+    pub config: Config,
+    /// Routes by the model name clients request.
+    pub routes: HashMap<String, Route>,
+    pub client_keys: ClientKeys,
+    pub budgets: Budgets,
+    /// Confidence threshold of each task, by task name.
+    pub thresholds: HashMap<String, f64>,
+    pub prices: PriceTable,
+    /// Remote providers; kept from the previous policy while their config is unchanged, so
+    /// breaker states and latency averages survive a reload.
+    pub upstreams: Arc<Upstreams>,
+    /// The models, tasks and encoders the config resolves to, which only a restart changes.
+    pub models: Vec<ModelConfig>,
+    pub tasks: Vec<TaskConfig>,
+    pub encoders: Vec<EncoderConfig>,
+    /// Counts the policies since the start: 1 for the first.
+    pub generation: u64,
+}
+
+impl Policy {
+    /// Checks `config` in full and builds its policy. `previous` is the policy in force, whose
+    /// providers are kept when their config is unchanged. The message names the field at fault.
+    pub fn build(config: Config, previous: Option<&Policy>) -> Result<Self, String> {
+        let models = config.resolved_models().map_err(message)?;
+        let tasks = config.resolved_tasks().map_err(message)?;
+        let encoders = config.encoders_for(&tasks).map_err(message)?;
+        let resilience = config.validate_routing(&models, &tasks).map_err(message)?;
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| Route::new(route.clone()).map(|route| (route.name().to_string(), route)))
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        let client_keys = ClientKeys::new(&config.client_keys)?;
+        let budgets = Budgets::new(&config.workflows)?;
+        let prices = config.pricing.table(&config.providers)?;
+        if config.audit.queue_capacity == 0 {
+            return Err("`audit.queue_capacity` must be at least 1".into());
+        }
+        let thresholds = tasks.iter().map(|task| (task.name.clone(), task.threshold)).collect();
+
+        let upstreams = match previous {
+            Some(previous)
+                if same(&previous.config.providers, &config.providers)
+                    && same(&previous.config.resilience, &config.resilience) =>
+            {
+                previous.upstreams.clone()
+            }
+            _ => Arc::new(Upstreams::new(&config.providers, resilience).map_err(|e| e.to_string())?),
+        };
+        Ok(Self {
+            config,
+            routes,
+            client_keys,
+            budgets,
+            thresholds,
+            prices,
+            upstreams,
+            models,
+            tasks,
+            encoders,
+            generation: previous.map_or(1, |p| p.generation + 1),
+        })
+    }
+
+    /// Returns the threshold of `task`, or `fallback` (the loaded task's own) when the policy
+    /// has none, which happens only for a task the running server did not load from the config.
+    pub fn threshold(&self, task: &str, fallback: f64) -> f64 {
+        self.thresholds.get(task).copied().unwrap_or(fallback)
+    }
+
+    /// Returns the sections of `self` that differ from `running` and that only a restart
+    /// applies; `self` keeps the running values of those sections.
+    pub fn restart_only_changes(&self, running: &Policy) -> Vec<&'static str> {
+        let (new, old) = (&self.config, &running.config);
+        let mut changed = Vec::new();
+        if !same(&new.server, &old.server) {
+            changed.push("[server]");
+        }
+        if !same(&self.models, &running.models) || new.models_dir != old.models_dir {
+            changed.push("[[model]]");
+        }
+        if !same(&self.encoders, &running.encoders) {
+            changed.push("[[encoder]]");
+        }
+        if !same(&without_thresholds(&self.tasks), &without_thresholds(&running.tasks)) {
+            changed.push("[[task]] (other than threshold)");
+        }
+        if !same(&new.audit, &old.audit) {
+            changed.push("[audit]");
+        }
+        if !same(&new.metrics, &old.metrics) {
+            changed.push("[metrics]");
+        }
+        changed
+    }
+}
+
+/// Returns the text of a config error, without the "invalid configuration" prefix that the
+/// caller adds with the file and line.
+fn message(error: ConfigError) -> String {
+    match error {
+        ConfigError::Invalid(message) => message,
+        other => other.to_string(),
+    }
+}
+
+/// Compares two config values by their `Debug` text, which lists every field, so that the
+/// config types need not all implement `PartialEq`.
+fn same<T: Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+fn without_thresholds(tasks: &[TaskConfig]) -> Vec<TaskConfig> {
+    tasks
+        .iter()
+        .cloned()
+        .map(|mut task| {
+            task.threshold = 0.0;
+            task
+        })
+        .collect()
+}

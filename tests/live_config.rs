@@ -1,0 +1,138 @@
+//! Live config reloads against a real `tierd serve` on 127.0.0.1 with the real MiniLM encoder.
+//! An edited threshold applies to the next request. An invalid edit is logged with its line and
+//! leaves the policy in force. SIGHUP reloads when polling is off.
+//!
+//! Run with `cargo test --release --test live_config`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::json;
+
+/// Returns a config with one classification task at `threshold`, checked for changes every
+/// `poll_ms` milliseconds.
+fn config(threshold: &str, poll_ms: u64, max_tokens: u64) -> String {
+    format!(
+        r#"builtin_tasks = false
+[server]
+config_poll_ms = {poll_ms}
+default_max_tokens = {max_tokens}
+
+{qwen}
+
+[[task]]
+name = "greeting"
+threshold = {threshold}
+[[task.label]]
+name = "hello"
+examples = ["hello there", "good morning to you"]
+[[task.label]]
+name = "bye"
+examples = ["goodbye for now", "see you later"]
+[[task.backend]]
+kind = "embedding_head"
+encoder = "all-minilm-l6-v2"
+"#,
+        qwen = model_table(QWEN, None),
+    )
+}
+
+/// Returns the 1-based line of `threshold = ...` in `config`.
+fn threshold_line() -> usize {
+    let text = config("0.5", 0, 1);
+    text.lines().position(|line| line.starts_with("threshold =")).map_or(0, |index| index + 1)
+}
+
+async fn task_threshold(server: &Server) -> f64 {
+    let reply = get(server, "/v1/tasks").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    reply.json()["data"][0]["threshold"].as_f64().unwrap_or(f64::NAN)
+}
+
+async fn below_threshold(server: &Server) -> bool {
+    let body = post_ok(server, "/v1/classify", &json!({"task": "greeting", "input": "hello there"})).await;
+    body["results"][0]["below_threshold"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no below_threshold in {body}"))
+}
+
+/// Waits until `ready` returns true, checking every 100 ms for at most `limit`.
+async fn wait_for(limit: Duration, mut ready: impl AsyncFnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if ready().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn file_edits_apply_or_are_rejected() {
+    let server = Server::start("live-config-edits", &config("0.5", 200, 16));
+    assert_eq!(task_threshold(&server).await, 0.5);
+    assert!(!below_threshold(&server).await, "\"hello there\" is a training example, far above 0.5");
+
+    std::fs::write(&server.config_path, config("0.9999", 200, 16)).expect("edit the config");
+    let applied = wait_for(Duration::from_secs(10), async || task_threshold(&server).await == 0.9999).await;
+    assert!(applied, "the new threshold was not applied; log:\n{}", server.log());
+    assert!(below_threshold(&server).await, "the next request did not use the new threshold");
+    assert!(server.log().contains("config reloaded"), "{}", server.log());
+
+    // A value out of range: rejected with its line and field, and the old threshold stays.
+    std::fs::write(&server.config_path, config("1.5", 200, 16)).expect("edit the config");
+    let logged = wait_for(Duration::from_secs(10), async || server.log().contains("config reload rejected")).await;
+    assert!(logged, "no rejection logged; log:\n{}", server.log());
+    let log = server.log();
+    let rejection = log
+        .lines()
+        .find(|line| line.contains("config reload rejected"))
+        .unwrap_or_default();
+    assert!(rejection.contains(&format!("line {}", threshold_line())), "{rejection}");
+    assert!(rejection.contains("`threshold`"), "{rejection}");
+    assert_eq!(task_threshold(&server).await, 0.9999);
+
+    // A TOML syntax error: the parser's message gives the line.
+    let broken = config("0.7", 200, 16).replace("threshold = 0.7", "threshold = ");
+    std::fs::write(&server.config_path, broken).expect("edit the config");
+    let logged = wait_for(Duration::from_secs(10), async || {
+        server.log().lines().filter(|l| l.contains("config reload rejected")).count() >= 2
+    })
+    .await;
+    assert!(logged, "no second rejection logged; log:\n{}", server.log());
+    let log = server.log();
+    let rejection = log.lines().rfind(|line| line.contains("config reload rejected")).unwrap_or_default();
+    assert!(rejection.contains(&format!("line {}", threshold_line())), "{rejection}");
+    assert_eq!(task_threshold(&server).await, 0.9999);
+
+    // A section that needs a restart is reported and kept, while the threshold applies.
+    std::fs::write(&server.config_path, config("0.6", 200, 3)).expect("edit the config");
+    let applied = wait_for(Duration::from_secs(10), async || task_threshold(&server).await == 0.6).await;
+    assert!(applied, "the threshold beside a restart-only change was not applied; log:\n{}", server.log());
+    assert!(server.log().contains("[server]"), "{}", server.log());
+    let reply = post(&server, "/v1/chat/completions", &json!({
+        "model": QWEN, "messages": [{"role": "user", "content": "Count from one to ten."}], "temperature": 0
+    }))
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(usage_field(&reply.json(), "completion_tokens"), 16, "the running default_max_tokens stays");
+}
+
+#[tokio::test]
+async fn sighup_reloads_without_polling() {
+    let server = Server::start("live-config-sighup", &config("0.5", 0, 16));
+    std::fs::write(&server.config_path, config("0.8", 0, 16)).expect("edit the config");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(task_threshold(&server).await, 0.5, "the file was reloaded although polling is off");
+
+    // SAFETY: kill has no memory preconditions; the pid is the test's own child.
+    let sent = unsafe { libc::kill(server.pid as i32, libc::SIGHUP) };
+    assert_eq!(sent, 0, "kill failed");
+    let applied = wait_for(Duration::from_secs(10), async || task_threshold(&server).await == 0.8).await;
+    assert!(applied, "SIGHUP did not reload; log:\n{}", server.log());
+    assert!(server.log().contains("SIGHUP"), "{}", server.log());
+}

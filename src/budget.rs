@@ -5,11 +5,15 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+/// Maximum length of a workflow tag, in characters. Longer tags in requests are cut to it, so a
+/// longer table name could never match.
+pub const MAX_WORKFLOW_CHARS: usize = 128;
+
 /// Workflow name of the table that applies to every workflow without its own, and to requests
 /// that name none.
 pub const ANY_WORKFLOW: &str = "*";
 
-/// What happens to a prompt over its budget.
+/// Action on a prompt over its budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetAction {
@@ -64,6 +68,12 @@ impl Budgets {
         for (index, config) in configs.iter().enumerate() {
             if config.name.trim().is_empty() {
                 return Err(format!("`workflow[{index}].name` must not be empty"));
+            }
+            if config.name.chars().count() > MAX_WORKFLOW_CHARS {
+                return Err(format!(
+                    "`workflow[{index}].name` has {} characters; workflow names are cut to {MAX_WORKFLOW_CHARS}, so it could never match",
+                    config.name.chars().count()
+                ));
             }
             if config.max_prompt_tokens == 0 {
                 return Err(format!("`workflow[{index}].max_prompt_tokens` must be at least 1"));
@@ -136,5 +146,8 @@ mod tests {
         let error = Budgets::new(&[table("a", 5, BudgetAction::Warn), table("a", 6, BudgetAction::Warn)])
             .expect_err("twice");
         assert!(error.contains("workflow[1].name"), "{error}");
+        let long = "w".repeat(MAX_WORKFLOW_CHARS + 1);
+        let error = Budgets::new(&[table(&long, 5, BudgetAction::Warn)]).expect_err("too long");
+        assert!(error.contains("workflow[0].name"), "{error}");
     }
 }

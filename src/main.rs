@@ -281,7 +281,8 @@ async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<(
         models
             .iter()
             .map(|m| m.id.clone())
-            .chain(config.providers.iter().flat_map(|p| p.models.iter().map(|m| m.id.clone()))),
+            .chain(config.providers.iter().flat_map(|p| p.models.iter().map(|m| m.id.clone())))
+            .chain(encoders.iter().map(|e| e.id.clone())),
         config.providers.iter().map(|p| p.name.clone()).chain([LOCAL_PROVIDER.to_string()]),
         tasks.iter().map(|t| t.name.clone()),
         policy.budgets.workflows().map(str::to_string),
@@ -289,6 +290,12 @@ async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<(
     );
     let metrics = Arc::new(Metrics::new(labels).context("failed to register the metrics")?);
     let audit = open_audit(config, &policy.prices, metrics).await?;
+    if policy.prices.baseline == tierd::audit::Price::default() {
+        tracing::warn!(
+            "no baseline price: no provider model has tier 1 and `pricing.baseline` is not set, so \
+             counterfactual costs and savings read 0"
+        );
+    }
     if policy.client_keys.required() {
         tracing::info!(keys = config.client_keys.len(), "client keys are required on every endpoint but /health");
     }
@@ -361,6 +368,7 @@ async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<(
         tracing::info!(
             written = stats.written.load(std::sync::atomic::Ordering::Relaxed),
             dropped_full = stats.dropped_full.load(std::sync::atomic::Ordering::Relaxed),
+            failed = stats.failed.load(std::sync::atomic::Ordering::Relaxed),
             "audit trail flushed"
         );
     }
@@ -393,7 +401,8 @@ async fn open_audit(config: &Config, prices: &PriceTable, metrics: Arc<Metrics>)
     let store = tokio::task::spawn_blocking(move || audit_config.open_store())
         .await
         .context("opening the audit store panicked")??;
-    let (writer, _thread) = AuditWriter::spawn(store, config.audit.queue_capacity)
+    let retry_window = Duration::from_secs(config.audit.retry_seconds);
+    let (writer, _thread) = AuditWriter::spawn(store, config.audit.queue_capacity, retry_window)
         .context("failed to start the audit writer thread")?;
     tracing::info!(store = %config.audit.location(), "writing the audit trail");
     Ok(Arc::new(AuditSink {

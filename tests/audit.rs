@@ -188,6 +188,7 @@ async fn failed_requests_are_recorded_with_their_error() {
     let record = audit_row(&server.audit_db, "audit-missing-model").await;
     assert_eq!(record.status, 404);
     assert!(record.error.as_deref().is_some_and(|e| e.contains("no-such-model")), "{record:?}");
+    assert_eq!((record.tier, record.provider.as_str()), (0, ""), "a rejected request reached no tier");
     assert_eq!((record.input_tokens, record.output_tokens), (0, 0));
     assert_eq!(record.cost_usd, 0.0);
 

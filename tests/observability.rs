@@ -64,11 +64,11 @@ threshold = 1.0
     )
 }
 
-/// Returns the config of the metrics server: no keys, and at most three workflow labels, two of
-/// which the budgets take.
+/// Returns the config of the metrics server: no keys, and two workflow labels besides the
+/// budgeted workflows, which always keep theirs.
 fn metrics_config(mock: &str) -> String {
     format!(
-        "builtin_tasks = false\n[server]\ndefault_max_tokens = 6\n[metrics]\nmax_workflows = 3\n{}\n{}\n{BUDGETS}",
+        "builtin_tasks = false\n[server]\ndefault_max_tokens = 6\n[metrics]\nmax_workflows = 2\n{}\n{}\n{BUDGETS}",
         model_table(QWEN, None),
         provider(mock),
     )
@@ -86,6 +86,9 @@ default_max_tokens = 6
 {qwen}
 {provider}
 {BUDGETS}
+
+[audit]
+store_text = "full"
 
 [[client_key]]
 name = "{KEY_NAME}"
@@ -288,15 +291,15 @@ fn metrics_match_the_audit_rows() {
         let upstream = records.iter().filter(|r| r.upstream_ms.is_some()).count();
         assert_eq!(observations(&metrics, "tierd_latency_seconds", &[("phase", "upstream")]), upstream as f64);
 
-        // `wordy` and `strict` keep their labels and `alpha` takes the third place, so the
-        // later `beta` and `gamma` are counted as `other`.
+        // `wordy` and `strict` have budgets and keep their labels. `alpha` and `gamma` take the
+        // two places, so the later `beta` is counted as `other`.
         let workflows: HashSet<&str> = samples(&metrics, "tierd_requests_total", &[])
             .iter()
             .filter_map(|s| s.labels.get("workflow"))
             .collect();
-        let expected: HashSet<&str> = ["", "alpha", "other", "wordy", "strict"].into_iter().collect();
+        let expected: HashSet<&str> = ["", "alpha", "gamma", "other", "wordy", "strict"].into_iter().collect();
         assert_eq!(workflows, expected);
-        assert_eq!(sum(&metrics, "tierd_requests_total", &[("workflow", "other")]), 2.0);
+        assert_eq!(sum(&metrics, "tierd_requests_total", &[("workflow", "other")]), 1.0);
 
         assert_eq!(sum(&metrics, "tierd_context_budget_exceeded_total", &[("workflow", "wordy"), ("action", "warn")]), 1.0);
         assert_eq!(sum(&metrics, "tierd_context_budget_exceeded_total", &[("workflow", "strict"), ("action", "reject")]), 1.0);
@@ -347,6 +350,44 @@ async fn every_endpoint_but_health_needs_the_key() {
     let metrics = scrape(server, Some(KEY)).await;
     assert!(sum(&metrics, "tierd_unauthorized_total", &[("reason", "missing")]) >= 7.0);
     assert!(sum(&metrics, "tierd_unauthorized_total", &[("reason", "invalid")]) >= 7.0);
+    // The encoder that served the classification is a known model, not `other`.
+    let classify = [("endpoint", "/v1/classify"), ("status", "200")];
+    assert!(sum(&metrics, "tierd_requests_total", &[&classify[..], &[("model", "all-minilm-l6-v2")]].concat()) >= 1.0);
+    assert_eq!(sum(&metrics, "tierd_requests_total", &[("model", "other")]), 0.0);
+    // Rejected requests reached no tier.
+    assert!(sum(&metrics, "tierd_requests_total", &[("status", "401"), ("tier", "0")]) >= 3.0);
+    assert_eq!(sum(&metrics, "tierd_requests_total", &[("status", "401"), ("tier", "3")]), 0.0);
+}
+
+#[tokio::test]
+async fn prompts_are_stored_for_every_endpoint() {
+    let server = keyed();
+    let completion = completion_request(QWEN, "One, two,", 2);
+    let headers = [("x-request-id", "text-completion")];
+    let reply = send(server, "POST", "/v1/completions", Some(KEY), &headers, Some(&completion)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let record = audit_row(&server.audit_db, "text-completion").await;
+    assert_eq!(record.prompt.as_deref(), Some("One, two,"));
+    assert_eq!(record.completion.as_deref(), Some(completion_text(&reply.json()).as_str()));
+
+    let classify = json!({"task": "greeting", "input": ["hello there", "see you later"]});
+    let headers = [("x-request-id", "text-classify")];
+    let reply = send(server, "POST", "/v1/classify", Some(KEY), &headers, Some(&classify)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let record = audit_row(&server.audit_db, "text-classify").await;
+    assert_eq!(record.prompt.as_deref(), Some("hello there\nsee you later"));
+    assert_eq!(record.completion.as_deref(), Some("hello\nbye"));
+}
+
+#[tokio::test]
+async fn client_text_cannot_forge_log_lines() {
+    let server = keyed();
+    let body = chat_request("bad\nFORGED log line", "Hi.", 1);
+    let reply = send(server, "POST", "/v1/chat/completions", Some(KEY), &[], Some(&body)).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let log = server.log();
+    assert!(log.contains("bad\\nFORGED"), "the escaped model name is not in the log");
+    assert!(!log.lines().any(|line| line.starts_with("FORGED")), "a client wrote a log line:\n{log}");
 }
 
 #[tokio::test]
@@ -475,6 +516,21 @@ async fn workflow_comes_from_header_then_metadata_then_user() {
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
         assert_eq!(audit_row(&server.audit_db, id).await.workflow.as_deref(), Some(expected), "{id}");
     }
+
+    // UTF-8 in the header is kept, as it is in the body.
+    let body = chat_request(QWEN, "Hi.", 1);
+    let mut request = client()
+        .post(server.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("x-request-id", "wf-utf8")
+        .json(&body);
+    request = request.header(
+        "x-tierd-workflow",
+        reqwest::header::HeaderValue::from_bytes("café".as_bytes()).expect("header value"),
+    );
+    let reply = request.send().await.expect("POST with a UTF-8 workflow");
+    assert_eq!(reply.status(), StatusCode::OK);
+    assert_eq!(audit_row(&server.audit_db, "wf-utf8").await.workflow.as_deref(), Some("café"));
 
     let classify = json!({"task": "greeting", "input": "hello", "metadata": {"workflow": "triage"}});
     let reply = send(server, "POST", "/v1/classify", Some(KEY), &[("x-request-id", "wf-classify")], Some(&classify)).await;

@@ -83,6 +83,30 @@ fn records_round_trip() {
 }
 
 #[test]
+fn nul_characters_do_not_lose_the_record() {
+    let url = shared_postgres().create_database("nul_characters");
+    let mut store = PostgresStore::connect(&url).expect("connect");
+    let mut with_nul = record("nul", 1);
+    with_nul.workflow = Some("nul\0byte".into());
+    store.write_batch(&[with_nul]).expect("a NUL must not fail the insert");
+    let rows = store.records_since(0).expect("read");
+    assert_eq!(rows[0].workflow.as_deref(), Some("nul\u{FFFD}byte"));
+}
+
+#[test]
+fn report_leaves_a_foreign_database_alone() {
+    let url = shared_postgres().create_database("foreign");
+    let error = PostgresStore::connect_for_reading(&url).err().expect("no audit table");
+    assert!(matches!(error, AuditError::NotAuditDatabase { .. }), "{error}");
+    let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
+    let tables: i64 = client
+        .query_one("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'tierd%'", &[])
+        .expect("count tables")
+        .get(0);
+    assert_eq!(tables, 0, "reading created tables");
+}
+
+#[test]
 fn full_batch_is_one_statement() {
     let url = shared_postgres().create_database("full_batch");
     let mut store = PostgresStore::connect(&url).expect("connect");

@@ -45,6 +45,9 @@ pub struct AuditConfig {
     pub path: PathBuf,
     /// Environment variable holding the PostgreSQL URL, so the password stays out of the file.
     pub postgres_url_env: String,
+    /// Seconds a failing batch is retried before its records are counted as lost; records that
+    /// arrive meanwhile wait in the queue.
+    pub retry_seconds: u64,
     /// Records that may wait for the writer before new ones are dropped and counted.
     pub queue_capacity: usize,
     pub store_text: StoreText,
@@ -57,6 +60,7 @@ impl Default for AuditConfig {
             store: StoreKind::Sqlite,
             path: PathBuf::from("tierd-audit.db"),
             postgres_url_env: "TIERD_AUDIT_DATABASE_URL".into(),
+            retry_seconds: 30,
             queue_capacity: 10_000,
             store_text: StoreText::None,
         }
@@ -70,13 +74,16 @@ impl AuditConfig {
         match self.store {
             StoreKind::Sqlite => Ok(Box::new(SqliteStore::open(&self.path)?)),
             StoreKind::Postgres => {
-                let url = std::env::var(&self.postgres_url_env).map_err(|_| {
-                    AuditError::Config(format!(
-                        "`audit.store` is postgres, but the environment variable {} that \
-                         `audit.postgres_url_env` names is not set",
-                        self.postgres_url_env
-                    ))
-                })?;
+                let url = std::env::var(&self.postgres_url_env)
+                    .ok()
+                    .filter(|url| !url.trim().is_empty())
+                    .ok_or_else(|| {
+                        AuditError::Config(format!(
+                            "`audit.store` is postgres, but the environment variable {} that \
+                             `audit.postgres_url_env` names is not set or empty",
+                            self.postgres_url_env
+                        ))
+                    })?;
                 Ok(Box::new(PostgresStore::connect(&url)?))
             }
         }
@@ -95,12 +102,12 @@ impl AuditConfig {
 /// else a SQLite file.
 pub fn open_for_reading(db: &str) -> Result<Box<dyn AuditStore>, AuditError> {
     if db.starts_with("postgres://") || db.starts_with("postgresql://") {
-        return Ok(Box::new(PostgresStore::connect(db)?));
+        return Ok(Box::new(PostgresStore::connect_for_reading(db)?));
     }
     if !std::path::Path::new(db).is_file() {
         return Err(AuditError::NotFound(db.to_string()));
     }
-    Ok(Box::new(SqliteStore::open(std::path::Path::new(db))?))
+    Ok(Box::new(SqliteStore::open_read_only(std::path::Path::new(db))?))
 }
 
 /// The `[pricing]` table. Remote prices come from the `[[provider.model]]` tables.

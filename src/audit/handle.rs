@@ -74,7 +74,7 @@ impl AuditHandle {
         }))
     }
 
-    /// Returns the cost of the request as the record stands, in USD.
+    /// Returns the cost of the request from the record's current tokens, in USD.
     pub fn cost_usd(&self) -> f64 {
         let record = self.0.record.lock().unwrap_or_else(|p| p.into_inner());
         self.0.sink.costs(&record).cost_usd

@@ -5,6 +5,7 @@
 //! version, and a transaction-level advisory lock serialises schema changes between replicas that
 //! start together. A closed connection is opened again before the next write.
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -75,18 +76,7 @@ impl PostgresStore {
     /// Connects to the database of `url` (`postgres://user:password@host:port/database`) and
     /// creates the schema. Without a password in the URL, `PGPASSWORD` is used when set.
     pub fn connect(url: &str) -> Result<Self, AuditError> {
-        let mut config: Config = url
-            .parse()
-            .map_err(|e| AuditError::Config(format!("invalid PostgreSQL URL: {e}")))?;
-        if config.get_password().is_none() {
-            if let Ok(password) = std::env::var("PGPASSWORD") {
-                config.password(password);
-            }
-        }
-        config.connect_timeout(CONNECT_TIMEOUT);
-        // NOTE: connections are not encrypted; reach a remote database through a TLS tunnel or
-        // a private network.
-        let target = describe(&config);
+        let (config, target) = parse_url(url)?;
         let client = open(&config, &target)?;
         Ok(Self {
             config,
@@ -95,11 +85,20 @@ impl PostgresStore {
         })
     }
 
+    /// Connects to read records only: the schema is neither created nor changed, and a
+    /// database without the audit table is an error.
+    pub fn connect_for_reading(url: &str) -> Result<Self, AuditError> {
+        let (config, target) = parse_url(url)?;
+        let client = open_read_only(&config, &target)?;
+        Ok(Self {
+            config,
+            target,
+            client: Mutex::new(Some(client)),
+        })
+    }
+
     fn error(&self, source: postgres::Error) -> AuditError {
-        AuditError::Postgres {
-            target: self.target.clone(),
-            source,
-        }
+        postgres_error(&self.target, &source)
     }
 
     /// Runs `work` on the connection, opening it first when it was closed. A failure that
@@ -129,13 +128,33 @@ impl PostgresStore {
     }
 }
 
+/// Parses `url`, takes the password from `PGPASSWORD` when the URL has none, and returns the
+/// settings with the description that messages use.
+fn parse_url(url: &str) -> Result<(Config, String), AuditError> {
+    if url.trim().is_empty() {
+        return Err(AuditError::Config("the PostgreSQL URL is empty".into()));
+    }
+    let mut config: Config = url
+        .parse()
+        .map_err(|e| AuditError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+    if config.get_password().is_none() {
+        if let Ok(password) = std::env::var("PGPASSWORD") {
+            config.password(password);
+        }
+    }
+    config.connect_timeout(CONNECT_TIMEOUT);
+    // NOTE: connections are not encrypted; reach a remote database through a TLS tunnel or a
+    // private network.
+    let target = describe(&config);
+    Ok((config, target))
+}
+
 /// Opens a connection and brings the schema to the current version.
 fn open(config: &Config, target: &str) -> Result<Client, AuditError> {
-    let error = |source| AuditError::Postgres {
-        target: target.to_string(),
-        source,
-    };
+    let error = |source: postgres::Error| postgres_error(target, &source);
     let mut client = config.connect(NoTls).map_err(error)?;
+    // CREATE ... IF NOT EXISTS reports existing objects as notices, which would reach the log.
+    client.batch_execute("SET client_min_messages = warning").map_err(error)?;
     let mut transaction = client.transaction().map_err(error)?;
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
@@ -161,6 +180,42 @@ fn open(config: &Config, target: &str) -> Result<Client, AuditError> {
         }
     }
     transaction.commit().map_err(error)?;
+    Ok(client)
+}
+
+/// Builds the error of a failed call, with the server's message and detail when it sent them.
+fn postgres_error(target: &str, source: &postgres::Error) -> AuditError {
+    let message = match source.as_db_error() {
+        Some(db) => {
+            let detail = db.detail().map(|d| format!(" ({d})")).unwrap_or_default();
+            format!("{} {}: {}{detail}", db.severity(), db.code().code(), db.message())
+        }
+        None => {
+            let cause = std::error::Error::source(source).map(|c| format!(": {c}")).unwrap_or_default();
+            format!("{source}{cause}")
+        }
+    };
+    AuditError::Postgres {
+        target: target.to_string(),
+        message,
+    }
+}
+
+/// Connects without creating or changing the schema, for `tierd report`; fails when the
+/// database has no audit table.
+fn open_read_only(config: &Config, target: &str) -> Result<Client, AuditError> {
+    let error = |source: postgres::Error| postgres_error(target, &source);
+    let mut client = config.connect(NoTls).map_err(error)?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('tierd_requests') IS NOT NULL", &[])
+        .map_err(error)?
+        .get(0);
+    if !exists {
+        return Err(AuditError::NotAuditDatabase {
+            location: target.to_string(),
+            table: "tierd_requests",
+        });
+    }
     Ok(client)
 }
 
@@ -238,6 +293,51 @@ impl<'a> SqlValues<'a> {
     }
 }
 
+/// Returns `record` with every NUL character replaced by U+FFFD, because PostgreSQL text cannot
+/// hold NUL and a client could otherwise make its own record fail to insert.
+fn without_nul(record: &AuditRecord) -> Cow<'_, AuditRecord> {
+    let texts = [
+        Some(&record.id),
+        record.client.as_ref(),
+        record.workflow.as_ref(),
+        Some(&record.endpoint),
+        record.task.as_ref(),
+        record.route.as_ref(),
+        Some(&record.provider),
+        Some(&record.model),
+        Some(&record.price_version),
+        record.escalation.as_ref(),
+        record.kept_local.as_ref(),
+        record.over_budget.as_ref(),
+        record.error.as_ref(),
+        record.prompt.as_ref(),
+        record.completion.as_ref(),
+    ];
+    if !texts.into_iter().flatten().any(|text| text.contains('\0')) {
+        return Cow::Borrowed(record);
+    }
+    let clean = |text: &str| text.replace('\0', "\u{FFFD}");
+    let clean_option = |text: &Option<String>| text.as_deref().map(clean);
+    Cow::Owned(AuditRecord {
+        id: clean(&record.id),
+        client: clean_option(&record.client),
+        workflow: clean_option(&record.workflow),
+        endpoint: clean(&record.endpoint),
+        task: clean_option(&record.task),
+        route: clean_option(&record.route),
+        provider: clean(&record.provider),
+        model: clean(&record.model),
+        price_version: clean(&record.price_version),
+        escalation: clean_option(&record.escalation),
+        kept_local: clean_option(&record.kept_local),
+        over_budget: clean_option(&record.over_budget),
+        error: clean_option(&record.error),
+        prompt: clean_option(&record.prompt),
+        completion: clean_option(&record.completion),
+        ..record.clone()
+    })
+}
+
 /// Builds one `INSERT` of `rows` records: a single round trip per batch.
 fn insert_sql(rows: usize) -> String {
     let mut sql = format!("INSERT INTO tierd_requests ({COLUMNS}) VALUES ");
@@ -294,7 +394,8 @@ impl AuditStore for PostgresStore {
         if records.is_empty() {
             return Ok(());
         }
-        let values: Vec<SqlValues<'_>> = records.iter().map(SqlValues::new).collect();
+        let cleaned: Vec<Cow<'_, AuditRecord>> = records.iter().map(without_nul).collect();
+        let values: Vec<SqlValues<'_>> = cleaned.iter().map(|record| SqlValues::new(record)).collect();
         let params: Vec<&(dyn ToSql + Sync)> = values.iter().flat_map(|v| v.params()).collect();
         let sql = insert_sql(records.len());
         // One statement inserts every row or none, as the trait requires.
@@ -325,6 +426,26 @@ mod tests {
         let config: Config = "postgres://audit:secret@127.0.0.1:6543/tierd".parse().expect("url");
         let target = describe(&config);
         assert_eq!(target, "postgres://audit@127.0.0.1:6543/tierd");
+    }
+
+    #[test]
+    fn nul_characters_are_replaced() {
+        let record = AuditRecord {
+            workflow: Some("nul\0byte".into()),
+            model: "m".into(),
+            ..Default::default()
+        };
+        let cleaned = without_nul(&record);
+        assert_eq!(cleaned.workflow.as_deref(), Some("nul\u{FFFD}byte"));
+        assert_eq!(cleaned.model, "m");
+        let plain = AuditRecord::default();
+        assert!(matches!(without_nul(&plain), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn empty_url_is_a_config_error() {
+        let error = PostgresStore::connect("").err().expect("empty URL");
+        assert!(error.to_string().contains("empty"), "{error}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub struct ReportRow {
     pub saving_pct: Option<f64>,
     /// Share of requests that left the local tier.
     pub escalation_rate: f64,
+    /// Latency percentiles of the requests that got status 200.
     pub p50_ms: f64,
     pub p95_ms: f64,
     /// Requests whose prompt exceeded their workflow's token budget.
@@ -65,12 +66,23 @@ const NONE_KEY: &str = "(none)";
 
 fn key(record: &AuditRecord, by: GroupBy) -> String {
     match by {
-        GroupBy::Tier => record.tier.to_string(),
+        GroupBy::Tier => tier_key(record.tier),
         GroupBy::Task => record.task.clone().unwrap_or_else(|| NONE_KEY.into()),
         GroupBy::Workflow => record.workflow.clone().unwrap_or_else(|| NONE_KEY.into()),
         GroupBy::Model => format!("{}/{}", record.provider, record.model),
         GroupBy::Client => record.client.clone().unwrap_or_else(|| NONE_KEY.into()),
         GroupBy::Day => day(record.time_ms),
+    }
+}
+
+/// Key of tier 0, which requests rejected before any model served them have.
+pub const UNSERVED_KEY: &str = "none";
+
+fn tier_key(tier: u8) -> String {
+    if tier == 0 {
+        UNSERVED_KEY.into()
+    } else {
+        tier.to_string()
     }
 }
 
@@ -96,12 +108,15 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 fn row(key: String, records: &[&AuditRecord]) -> ReportRow {
-    let sum = |f: fn(&AuditRecord) -> f64| records.iter().map(|r| f(r)).sum::<f64>();
+    // Adding 0.0 turns the -0.0 that an empty f64 sum starts from into 0.0.
+    let sum = |f: fn(&AuditRecord) -> f64| records.iter().map(|r| f(r)).sum::<f64>() + 0.0;
     let cost_usd = sum(|r| r.cost_usd);
     let counterfactual_usd = sum(|r| r.counterfactual_usd);
-    let mut latencies: Vec<f64> = records.iter().map(|r| r.total_ms).collect();
+    // Rejected requests return in a fraction of a millisecond, so latency covers the requests
+    // that got status 200 only.
+    let mut latencies: Vec<f64> = records.iter().filter(|r| r.status == 200).map(|r| r.total_ms).collect();
     latencies.sort_by(f64::total_cmp);
-    let escalated = records.iter().filter(|r| r.tier < 3).count();
+    let escalated = records.iter().filter(|r| (1..3).contains(&r.tier)).count();
     let requests = records.len() as u64;
     ReportRow {
         key,
@@ -110,7 +125,7 @@ fn row(key: String, records: &[&AuditRecord]) -> ReportRow {
         output_tokens: records.iter().map(|r| r.output_tokens).sum(),
         cost_usd,
         counterfactual_usd,
-        saving_usd: counterfactual_usd - cost_usd,
+        saving_usd: counterfactual_usd - cost_usd + 0.0,
         saving_pct: (counterfactual_usd > 0.0).then(|| 100.0 * (counterfactual_usd - cost_usd) / counterfactual_usd),
         escalation_rate: if requests == 0 { 0.0 } else { escalated as f64 / requests as f64 },
         p50_ms: quantile(&latencies, 0.5),
@@ -177,6 +192,7 @@ mod tests {
             counterfactual_usd: counterfactual,
             total_ms: ms,
             time_ms: 1_796_437_661_000,
+            status: 200,
             ..Default::default()
         }
     }
@@ -206,6 +222,28 @@ mod tests {
         assert_eq!(report.top_consumers[0].workflow, "billing");
         assert_eq!(report.top_consumers[0].mean_input_tokens, 1_500.0);
         assert_eq!(report.top_consumers[1].total_tokens, 420);
+    }
+
+    #[test]
+    fn unserved_rows_keyed_apart() {
+        let mut rejected = record(3, "x", 0, 0.0, 0.0, 0.1);
+        rejected.tier = 0;
+        rejected.status = 401;
+        let mut served = record(3, "x", 5, 0.0, 0.0, 500.0);
+        served.status = 200;
+        let report = build(&[rejected, served], GroupBy::Tier, 5);
+        let keys: Vec<&str> = report.rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["3", "none"]);
+        assert_eq!(report.total.p50_ms, 500.0);
+        assert_eq!(report.total.escalation_rate, 0.0);
+    }
+
+    #[test]
+    fn empty_report_has_no_negative_zero() {
+        let report = build(&[], GroupBy::Tier, 5);
+        assert!(report.total.cost_usd.is_sign_positive());
+        assert!(report.total.saving_usd.is_sign_positive());
+        assert_eq!(format!("{:.6}", report.total.counterfactual_usd), "0.000000");
     }
 
     #[test]

@@ -14,12 +14,15 @@ pub enum AuditError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("audit database {target}: {source}")]
+    #[error("audit database {target}: {message}")]
     Postgres {
         /// Host, port, user and database, without the password.
         target: String,
-        source: postgres::Error,
+        /// The client's error with the server's message, which the client's own text leaves out.
+        message: String,
     },
+    #[error("{location} is not a tierd audit database: it has no table `{table}`")]
+    NotAuditDatabase { location: String, table: &'static str },
     #[error("audit database {location} has schema version {found}, newer than this tierd ({supported})")]
     NewerSchema { location: String, found: i64, supported: i64 },
     #[error("invalid audit store setting: {0}")]
@@ -82,6 +85,9 @@ CREATE INDEX IF NOT EXISTS requests_workflow_time ON requests (workflow, time_ms
 pub struct SqliteStore {
     path: PathBuf,
     connection: Connection,
+    /// The select list of `COLUMNS`, with NULL for columns that an older file opened read-only
+    /// lacks.
+    select: String,
 }
 
 impl SqliteStore {
@@ -101,21 +107,9 @@ impl SqliteStore {
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(error)?;
 
-        let found: i64 = connection
-            .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(error)?;
-        if found > SCHEMA_VERSION {
-            return Err(AuditError::NewerSchema {
-                location: path.display().to_string(),
-                found,
-                supported: SCHEMA_VERSION,
-            });
-        }
+        let (found, existing) = inspect(&connection, path)?;
         // A new file gets the current schema, so only an older file needs migrating.
-        let existing: i64 = connection
-            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'requests'", [], |row| row.get(0))
-            .map_err(error)?;
-        if existing > 0 {
+        if existing {
             for migration in MIGRATIONS.iter().skip(found.max(1) as usize - 1) {
                 connection.execute_batch(migration).map_err(error)?;
             }
@@ -127,6 +121,38 @@ impl SqliteStore {
         Ok(Self {
             path: path.to_path_buf(),
             connection,
+            select: COLUMNS.to_string(),
+        })
+    }
+
+    /// Opens an existing database to read records, without creating or migrating anything, for
+    /// `tierd report`. A file without the `requests` table is an error.
+    pub fn open_read_only(path: &Path) -> Result<Self, AuditError> {
+        let error = |source| AuditError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let connection = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(error)?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(error)?;
+        let (found, existing) = inspect(&connection, path)?;
+        if !existing {
+            return Err(AuditError::NotAuditDatabase {
+                location: path.display().to_string(),
+                table: "requests",
+            });
+        }
+        // Version 1 has no `over_budget` column.
+        let select = if found < 2 {
+            COLUMNS.replace(" over_budget,", " NULL AS over_budget,")
+        } else {
+            COLUMNS.to_string()
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            connection,
+            select,
         })
     }
 
@@ -139,12 +165,35 @@ impl SqliteStore {
 
     /// Returns the record with request id `id`, if there is one.
     pub fn record(&self, id: &str) -> Result<Option<AuditRecord>, AuditError> {
-        let sql = format!("SELECT {COLUMNS} FROM requests WHERE id = ?1");
+        let sql = format!("SELECT {} FROM requests WHERE id = ?1", self.select);
         self.connection
             .query_row(&sql, [id], read_row)
             .optional()
             .map_err(|e| self.error(e))
     }
+}
+
+/// Returns the file's schema version and whether it has the `requests` table; a version newer
+/// than this tierd's is an error.
+fn inspect(connection: &Connection, path: &Path) -> Result<(i64, bool), AuditError> {
+    let error = |source| AuditError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let found: i64 = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(error)?;
+    if found > SCHEMA_VERSION {
+        return Err(AuditError::NewerSchema {
+            location: path.display().to_string(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let tables: i64 = connection
+        .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'requests'", [], |row| row.get(0))
+        .map_err(error)?;
+    Ok((found, tables > 0))
 }
 
 /// Columns of the requests table in both stores, in the order of `AuditRecord`'s fields.
@@ -253,7 +302,7 @@ impl AuditStore for SqliteStore {
     }
 
     fn records_since(&self, since_ms: i64) -> Result<Vec<AuditRecord>, AuditError> {
-        let sql = format!("SELECT {COLUMNS} FROM requests WHERE time_ms >= ?1 ORDER BY time_ms, rowid");
+        let sql = format!("SELECT {} FROM requests WHERE time_ms >= ?1 ORDER BY time_ms, rowid", self.select);
         let mut query = self.connection.prepare(&sql).map_err(|e| self.error(e))?;
         let rows = query.query_map([since_ms], read_row).map_err(|e| self.error(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.error(e))
@@ -333,6 +382,37 @@ mod tests {
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .expect("version");
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn read_only_open_changes_nothing() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let other = dir.path().join("other.db");
+        Connection::open(&other)
+            .and_then(|c| c.execute_batch("CREATE TABLE notes (text TEXT)"))
+            .expect("another database");
+        let error = SqliteStore::open_read_only(&other).err().expect("not an audit file");
+        assert!(matches!(error, AuditError::NotAuditDatabase { .. }), "{error}");
+        let tables: i64 = Connection::open(&other)
+            .and_then(|c| c.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'requests'", [], |r| r.get(0)))
+            .expect("count tables");
+        assert_eq!(tables, 0, "the read-only open created the table");
+
+        // A version 1 file is read as it is, without migrating it.
+        let old = dir.path().join("old.db");
+        let connection = Connection::open(&old).expect("open");
+        connection
+            .execute_batch(&SCHEMA.replace("    over_budget TEXT,\n", ""))
+            .expect("version 1 schema");
+        connection.pragma_update(None, "user_version", 1).expect("set version");
+        drop(connection);
+        let store = SqliteStore::open_read_only(&old).expect("open version 1");
+        assert!(store.records_since(0).expect("read").is_empty());
+        let version: i64 = store
+            .connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, 1);
     }
 
     #[test]

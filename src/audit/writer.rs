@@ -14,11 +14,12 @@ use super::store::AuditStore;
 /// Records written in one transaction at most.
 const MAX_BATCH: usize = 256;
 
-/// Pause between retries of a failed batch write.
-const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// First pause after a failed batch write; each later pause doubles, up to `MAX_RETRY_PAUSE`.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(200);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
-/// Attempts at writing one batch before its records are counted as lost.
-const WRITE_ATTEMPTS: u32 = 5;
+/// Request ids of a lost batch named in its log line; the rest are counted.
+const LOGGED_IDS: usize = 10;
 
 enum Message {
     /// A record and the time it was queued.
@@ -72,14 +73,20 @@ pub struct AuditWriter {
 }
 
 impl AuditWriter {
-    /// Starts the writer thread over `store`, with room for `capacity` queued records.
-    pub fn spawn(store: Box<dyn AuditStore>, capacity: usize) -> std::io::Result<(Self, JoinHandle<()>)> {
+    /// Starts the writer thread over `store`, with room for `capacity` queued records. A batch
+    /// that fails is retried for `retry_window` before its records are counted as lost; records
+    /// arriving meanwhile wait in the queue.
+    pub fn spawn(
+        store: Box<dyn AuditStore>,
+        capacity: usize,
+        retry_window: Duration,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (sender, receiver) = mpsc::sync_channel(capacity);
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
         let handle = std::thread::Builder::new()
             .name("tierd-audit".into())
-            .spawn(move || run(store, receiver, &thread_stats))?;
+            .spawn(move || run(store, receiver, &thread_stats, retry_window))?;
         Ok((Self { sender, stats }, handle))
     }
 
@@ -117,7 +124,7 @@ impl AuditWriter {
     }
 }
 
-fn run(mut store: Box<dyn AuditStore>, receiver: Receiver<Message>, stats: &WriterStats) {
+fn run(mut store: Box<dyn AuditStore>, receiver: Receiver<Message>, stats: &WriterStats, retry_window: Duration) {
     let mut batch: Vec<AuditRecord> = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
     loop {
@@ -142,13 +149,13 @@ fn run(mut store: Box<dyn AuditStore>, receiver: Receiver<Message>, stats: &Writ
             next = receiver.try_recv().ok();
         }
         stats.set_writing_since(oldest);
-        write(store.as_mut(), &mut batch, stats);
+        write(store.as_mut(), &mut batch, stats, retry_window);
         stats.set_writing_since(None);
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
     }
-    write(store.as_mut(), &mut batch, stats);
+    write(store.as_mut(), &mut batch, stats, retry_window);
     tracing::info!(
         written = stats.written.load(Ordering::Relaxed),
         dropped_full = stats.dropped_full.load(Ordering::Relaxed),
@@ -157,28 +164,33 @@ fn run(mut store: Box<dyn AuditStore>, receiver: Receiver<Message>, stats: &Writ
     );
 }
 
-/// Writes `batch`, retrying a failed transaction a few times before counting its records lost.
-fn write(store: &mut dyn AuditStore, batch: &mut Vec<AuditRecord>, stats: &WriterStats) {
+/// Writes `batch`, retrying a failed transaction with growing pauses until `retry_window` has
+/// passed, then counting its records as lost.
+fn write(store: &mut dyn AuditStore, batch: &mut Vec<AuditRecord>, stats: &WriterStats, retry_window: Duration) {
     if batch.is_empty() {
         return;
     }
-    for attempt in 1..=WRITE_ATTEMPTS {
-        match store.write_batch(batch) {
+    let started = std::time::Instant::now();
+    let mut pause = FIRST_RETRY_PAUSE;
+    for attempt in 1.. {
+        let error = match store.write_batch(batch) {
             Ok(()) => {
                 stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 batch.clear();
                 return;
             }
-            Err(error) if attempt < WRITE_ATTEMPTS => {
-                tracing::warn!(%error, attempt, records = batch.len(), "failed to write audit records; retrying");
-                std::thread::sleep(RETRY_PAUSE);
-            }
-            Err(error) => {
-                tracing::error!(%error, records = batch.len(), "failed to write audit records; they are lost");
-                stats.failed.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                batch.clear();
-            }
+            Err(error) => error,
+        };
+        if started.elapsed() + pause > retry_window {
+            let ids: Vec<&str> = batch.iter().take(LOGGED_IDS).map(|r| r.id.as_str()).collect();
+            tracing::error!(%error, attempt, records = batch.len(), first_ids = ?ids, "failed to write audit records; they are lost");
+            stats.failed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            batch.clear();
+            return;
         }
+        tracing::warn!(%error, attempt, records = batch.len(), retry_in_ms = pause.as_millis() as u64, "failed to write audit records; retrying");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(MAX_RETRY_PAUSE);
     }
 }
 
@@ -220,7 +232,7 @@ mod tests {
     fn queued_records_are_written_in_batches() {
         let store = MemoryStore::default();
         let gate = store.gate.lock().expect("gate");
-        let (writer, thread) = AuditWriter::spawn(Box::new(store.clone()), 1_000).expect("spawn");
+        let (writer, thread) = AuditWriter::spawn(Box::new(store.clone()), 1_000, Duration::from_secs(1)).expect("spawn");
         for id in 0..600 {
             writer.record(record(id));
         }
@@ -238,11 +250,62 @@ mod tests {
         assert!(batches.len() < 600, "records were written one at a time: {batches:?}");
     }
 
+    /// A store that fails its first `failures` writes.
+    struct FlakyStore {
+        failures: usize,
+        written: Arc<Mutex<usize>>,
+    }
+
+    impl AuditStore for FlakyStore {
+        fn write_batch(&mut self, records: &[AuditRecord]) -> Result<(), AuditError> {
+            if self.failures > 0 {
+                self.failures -= 1;
+                return Err(AuditError::Config("the database is down".into()));
+            }
+            *self.written.lock().unwrap_or_else(|p| p.into_inner()) += records.len();
+            Ok(())
+        }
+
+        fn records_since(&self, _since_ms: i64) -> Result<Vec<AuditRecord>, AuditError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn failed_batch_is_retried_within_the_window() {
+        let written = Arc::new(Mutex::new(0));
+        let store = FlakyStore { failures: 3, written: written.clone() };
+        let (writer, thread) = AuditWriter::spawn(Box::new(store), 10, Duration::from_secs(10)).expect("spawn");
+        writer.record(record(1));
+        assert!(writer.flush());
+        let stats = writer.stats().clone();
+        drop(writer);
+        thread.join().expect("writer thread");
+        assert_eq!(*written.lock().expect("written"), 1);
+        assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn batch_failing_past_the_window_is_counted_lost() {
+        let written = Arc::new(Mutex::new(0));
+        let store = FlakyStore { failures: usize::MAX, written: written.clone() };
+        let (writer, thread) = AuditWriter::spawn(Box::new(store), 10, Duration::from_millis(500)).expect("spawn");
+        writer.record(record(1));
+        writer.record(record(2));
+        assert!(writer.flush());
+        let stats = writer.stats().clone();
+        drop(writer);
+        thread.join().expect("writer thread");
+        assert_eq!(*written.lock().expect("written"), 0);
+        assert_eq!(stats.failed.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.lag(), 0);
+    }
+
     #[test]
     fn full_queue_drops_and_counts() {
         let store = MemoryStore::default();
         let gate = store.gate.lock().expect("gate");
-        let (writer, thread) = AuditWriter::spawn(Box::new(store.clone()), 4).expect("spawn");
+        let (writer, thread) = AuditWriter::spawn(Box::new(store.clone()), 4, Duration::from_secs(1)).expect("spawn");
         for id in 0..50 {
             writer.record(record(id));
         }

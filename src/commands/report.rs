@@ -62,7 +62,7 @@ const HEADER: [&str; 12] = [
 
 fn cells(row: &ReportRow) -> [String; 12] {
     [
-        row.key.clone(),
+        printable(&row.key),
         row.requests.to_string(),
         row.input_tokens.to_string(),
         row.output_tokens.to_string(),
@@ -77,6 +77,17 @@ fn cells(row: &ReportRow) -> [String; 12] {
     ]
 }
 
+/// Escapes control characters in a client-chosen key, such as a workflow name, so that it
+/// cannot move the cursor, recolour the terminal or break a table row.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() { c.escape_default().collect() } else { vec![c] };
+            escaped
+        })
+        .collect()
+}
+
 /// Quotes a CSV field when it contains a comma, a quote or a line break.
 fn csv_field(text: &str) -> String {
     if text.contains([',', '"', '\n', '\r']) {
@@ -89,7 +100,10 @@ fn csv_field(text: &str) -> String {
 fn write_csv(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
     writeln!(out, "{}", HEADER.join(","))?;
     for row in report.rows.iter().chain(std::iter::once(&report.total)) {
-        let line: Vec<String> = cells(row).iter().map(|cell| csv_field(cell)).collect();
+        // CSV quoting keeps any text intact, so the key goes out unescaped.
+        let mut fields = cells(row);
+        fields[0] = row.key.clone();
+        let line: Vec<String> = fields.iter().map(|cell| csv_field(cell)).collect();
         writeln!(out, "{}", line.join(","))?;
     }
     Ok(())
@@ -128,7 +142,7 @@ fn write_table(out: &mut impl Write, report: &Report, by: GroupBy) -> std::io::R
             writeln!(
                 out,
                 "{:<24} {:>9} {:>13} {:>17.1} {:>12.6} {:>11}",
-                consumer.workflow,
+                printable(&consumer.workflow),
                 consumer.requests,
                 consumer.total_tokens,
                 consumer.mean_input_tokens,
@@ -138,4 +152,16 @@ fn write_table(out: &mut impl Write, report: &Report, by: GroupBy) -> std::io::R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("\u{1b}[2Jred"), "\\u{1b}[2Jred");
+        assert_eq!(printable("two\nlines"), "two\\nlines");
+        assert_eq!(printable("café"), "café");
+    }
 }

@@ -5,8 +5,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Distinct workflow label values; later workflows are labelled `other`. Workflows with a
-    /// `[[workflow]]` table always keep their name.
+    /// Distinct workflow label values besides the workflows with a `[[workflow]]` table, which
+    /// always keep their name; later workflows are labelled `other`.
     pub max_workflows: usize,
 }
 

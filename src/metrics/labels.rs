@@ -14,7 +14,10 @@ pub struct LabelBounds {
     /// `local` and the configured provider names.
     providers: HashSet<String>,
     tasks: HashSet<String>,
-    /// Workflows seen so far, up to `max_workflows`; workflows with a budget are always kept.
+    /// Workflows with a budget, which always keep their name and take no place among
+    /// `max_workflows`.
+    budgeted: HashSet<String>,
+    /// Other workflows seen so far, up to `max_workflows`.
     workflows: Mutex<HashSet<String>>,
     max_workflows: usize,
 }
@@ -27,13 +30,13 @@ impl LabelBounds {
         budgeted_workflows: impl IntoIterator<Item = String>,
         max_workflows: usize,
     ) -> Self {
-        let workflows: HashSet<String> = budgeted_workflows.into_iter().collect();
         Self {
             models: models.into_iter().collect(),
             providers: providers.into_iter().collect(),
             tasks: tasks.into_iter().collect(),
-            max_workflows: max_workflows.max(workflows.len()),
-            workflows: Mutex::new(workflows),
+            budgeted: budgeted_workflows.into_iter().collect(),
+            workflows: Mutex::new(HashSet::new()),
+            max_workflows,
         }
     }
 
@@ -56,6 +59,9 @@ impl LabelBounds {
         let Some(workflow) = workflow.filter(|w| !w.is_empty()) else {
             return "";
         };
+        if self.budgeted.contains(workflow) {
+            return workflow;
+        }
         let mut seen = self.workflows.lock().unwrap_or_else(|p| p.into_inner());
         if seen.contains(workflow) {
             return workflow;
@@ -107,7 +113,9 @@ mod tests {
         let bounds = bounds(2);
         assert_eq!(bounds.workflow(Some("billing")), "billing");
         assert_eq!(bounds.workflow(Some("a")), "a");
-        assert_eq!(bounds.workflow(Some("b")), OTHER);
+        // `billing` has a budget, so it takes no place: `b` is the second.
+        assert_eq!(bounds.workflow(Some("b")), "b");
+        assert_eq!(bounds.workflow(Some("c")), OTHER);
         // A workflow admitted earlier keeps its label.
         assert_eq!(bounds.workflow(Some("a")), "a");
         assert_eq!(bounds.workflow(None), "");

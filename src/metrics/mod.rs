@@ -257,7 +257,8 @@ impl Metrics {
     }
 }
 
-/// The endpoints that audit records name; anything else would be a bug, counted as `other`.
+/// Returns the endpoint label: one of the audited endpoints, or `other` for anything else,
+/// which would be a bug.
 fn endpoint_label(endpoint: &str) -> &str {
     match endpoint {
         "/v1/chat/completions" | "/v1/completions" | "/v1/classify" => endpoint,

@@ -62,6 +62,17 @@ impl Policy {
         let client_keys = ClientKeys::new(&config.client_keys)?;
         let budgets = Budgets::new(&config.workflows)?;
         let prices = config.pricing.table(&config.providers)?;
+        let served: Vec<&str> = models
+            .iter()
+            .map(|m| m.id.as_str())
+            .chain(encoders.iter().map(|e| e.id.as_str()))
+            .collect();
+        if let Some(unknown) = config.pricing.local.keys().find(|id| !served.contains(&id.as_str())) {
+            return Err(format!(
+                "`pricing.local` prices `{unknown}`, which is not a served model or encoder ({})",
+                served.join(", ")
+            ));
+        }
         if config.audit.queue_capacity == 0 {
             return Err("`audit.queue_capacity` must be at least 1".into());
         }
@@ -148,4 +159,35 @@ fn without_thresholds(tasks: &[TaskConfig]) -> Vec<TaskConfig> {
             task
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "builtin_tasks = false\n[[model]]\nid = \"qwen\"\npath = \"qwen.gguf\"\n{extra}"
+        );
+        toml::from_str(&text).expect("config")
+    }
+
+    #[test]
+    fn local_price_of_an_unknown_model_is_rejected() {
+        let priced = config("[pricing.local]\nqwen = { input_per_mtok = 1.0, output_per_mtok = 1.0 }\n");
+        assert!(Policy::build(priced, None).is_ok());
+        let typo = config("[pricing.local]\nqwne = { input_per_mtok = 1.0, output_per_mtok = 1.0 }\n");
+        let error = Policy::build(typo, None).err().expect("unknown model");
+        assert!(error.contains("`qwne`"), "{error}");
+    }
+
+    #[test]
+    fn restart_only_sections_are_named() {
+        let running = Policy::build(config(""), None).expect("running");
+        let mut changed = config("[server]\nport = 9999\n");
+        changed.tasks = running.config.tasks.clone();
+        let candidate = Policy::build(changed, Some(&running)).expect("candidate");
+        assert_eq!(candidate.restart_only_changes(&running), ["[server]"]);
+        assert_eq!(candidate.generation, 2);
+    }
 }

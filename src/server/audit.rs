@@ -10,10 +10,10 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::served::LOCAL_PROVIDER;
 use super::{error, AppState, RequestId};
 use crate::audit::handle::AuditHandle;
 use crate::audit::AuditRecord;
+use crate::budget::MAX_WORKFLOW_CHARS;
 
 /// Endpoints whose requests are audited.
 const AUDITED: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/classify"];
@@ -34,10 +34,12 @@ pub(super) async fn audit_request(State(state): State<Arc<AppState>>, mut reques
         .get::<RequestId>()
         .map(|id| id.0.clone())
         .unwrap_or_default();
+    // Header values may carry UTF-8, which `HeaderValue::to_str` rejects as not visible ASCII.
     let workflow = request
         .headers()
         .get(&WORKFLOW_HEADER)
-        .and_then(|v| v.to_str().ok())
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .map(str::trim)
         .filter(|v| !v.is_empty())
         .map(|v| v.chars().take(MAX_WORKFLOW_CHARS).collect());
     let record = AuditRecord {
@@ -45,8 +47,9 @@ pub(super) async fn audit_request(State(state): State<Arc<AppState>>, mut reques
         time_ms: unix_time_ms(),
         workflow,
         endpoint: path,
-        tier: 3,
-        provider: LOCAL_PROVIDER.to_string(),
+        // Tier 0 and no provider until a handler records what served the request, so that
+        // rejected requests are not counted as local traffic.
+        tier: 0,
         ..Default::default()
     };
     let handle = AuditHandle::new(sink, record);
@@ -59,8 +62,8 @@ pub(super) async fn audit_request(State(state): State<Arc<AppState>>, mut reques
         record.status = status;
         record.error = error;
     });
-    // NOTE: a stream's cost is known only when it ends, after the headers are sent, so streamed
-    // responses carry no cost header; the audit record and the metrics have it.
+    // NOTE: a stream's cost is known only when it ends, after the headers are sent. So streamed
+    // responses carry no cost header, and only the audit record and the metrics have it.
     if !is_event_stream(&response) {
         if let Ok(value) = HeaderValue::from_str(&format!("{:.9}", handle.cost_usd())) {
             response.headers_mut().insert(COST_HEADER.clone(), value);
@@ -79,9 +82,6 @@ fn is_event_stream(response: &Response) -> bool {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
-
-/// Longest workflow tag kept, in characters; longer tags are cut.
-const MAX_WORKFLOW_CHARS: usize = 128;
 
 /// Metadata key whose value names the request's workflow.
 const WORKFLOW_METADATA_KEY: &str = "workflow";

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::classify_escalation::{EscalationReport, Escalator, Outcome};
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::served::LOCAL_PROVIDER;
 use super::AppState;
 use crate::audit::handle::AuditHandle;
 use crate::classify::backend::BackendError;
@@ -125,6 +126,7 @@ fn audit_results(audit: &AuditHandle, results: &[ServedResult], prompt_tokens: u
     let kept_local = results.iter().find_map(|r| r.kept_local).map(|k| k.as_str().to_string());
     audit.update(|record| {
         record.tier = 3;
+        record.provider = LOCAL_PROVIDER.to_string();
         record.model = first_model;
         record.input_tokens = prompt_tokens as u64;
         record.confidence = lowest;
@@ -173,6 +175,9 @@ pub async fn classify(
         ));
     }
     let count = inputs.len();
+    if let Some(audit) = &audit {
+        audit.set_prompt(&inputs.join("\n"));
+    }
     // Only an escalation needs the texts after the local classification.
     let texts = if task.escalate.is_some() { inputs.clone() } else { Vec::new() };
     let classification = task.clone().classify(inputs).await.map_err(classify_error)?;
@@ -204,6 +209,8 @@ pub async fn classify(
         .collect();
     if let Some(audit) = &audit {
         audit_results(audit, &results, classification.usage.prompt_tokens);
+        let labels: Vec<&str> = results.iter().map(|r| r.label.as_str()).collect();
+        audit.set_completion(&labels.join("\n"));
     }
     tracing::info!(
         task = %task.name,

@@ -86,6 +86,9 @@ pub async fn completions(
     if prompt_tokens.is_empty() {
         return Err(ApiError::invalid_request("`prompt` must not be empty.", Some("prompt")));
     }
+    if let Some(audit) = &audit {
+        audit.set_prompt(&prompt_text);
+    }
 
     let params = validate(body.fields, None, policy.config.server.default_max_tokens)?;
     let gate = BudgetGate {

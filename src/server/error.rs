@@ -60,7 +60,7 @@ impl ApiError {
     }
 
     /// 401 for a missing or unknown client key. The response also carries
-    /// `WWW-Authenticate: Bearer`, as RFC 6750 asks.
+    /// `WWW-Authenticate: Bearer`, as RFC 6750 requires.
     pub fn unauthorized(message: impl Into<String>, code: &'static str) -> Self {
         let mut error = Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message);
         error.code = Some(code);
@@ -144,7 +144,9 @@ pub struct ErrorMessage(pub String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_client_error() {
-            tracing::info!(status = self.status.as_u16(), message = %self.message, "request rejected");
+            // Messages quote client input, so control characters are escaped to keep a client
+            // from writing lines of its own into the log.
+            tracing::info!(status = self.status.as_u16(), message = %self.message.escape_debug(), "request rejected");
         }
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after {

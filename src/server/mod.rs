@@ -302,6 +302,8 @@ impl Submitted {
         );
         let error = format!("generation failed: {message}");
         audit.update(|record| {
+            record.tier = 3;
+            record.provider = LOCAL_PROVIDER.to_string();
             record.model = model;
             record.input_tokens = prompt;
             record.output_tokens = produced;

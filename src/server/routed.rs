@@ -145,7 +145,7 @@ impl Routed<'_> {
         let answer = match self.answer_locally().await {
             Ok(answer) => answer,
             Err(error) if local_unavailable(&error) => {
-                tracing::info!(route = self.route.name(), status = error.status.as_u16(), message = %error.message, "the local model cannot take the request; escalating");
+                tracing::info!(route = self.route.name(), status = error.status.as_u16(), message = %error.message.escape_debug(), "the local model cannot take the request; escalating");
                 self.local_error = Some(error);
                 let candidates = self.route.cascade_candidates();
                 return self.escalate_or_keep(Escalation::LocalUnavailable, candidates, None).await;

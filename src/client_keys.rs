@@ -24,11 +24,17 @@ pub struct ClientKeys {
 }
 
 impl ClientKeys {
-    /// Checks the tables and indexes them; the message names the table at fault.
+    /// Checks the `[[client_key]]` tables and indexes them; the message names the table at
+    /// fault.
     pub fn new(configs: &[ClientKeyConfig]) -> Result<Self, String> {
+        Self::from_tables(configs, "client_key")
+    }
+
+    /// Checks key tables of the kind `table` (`client_key` or `admin_token`) and indexes them.
+    pub fn from_tables(configs: &[ClientKeyConfig], table: &str) -> Result<Self, String> {
         let mut names = HashMap::new();
         for (index, config) in configs.iter().enumerate() {
-            let field = format!("client_key[{index}]");
+            let field = format!("{table}[{index}]");
             if config.name.trim().is_empty() {
                 return Err(format!("`{field}.name` must not be empty"));
             }

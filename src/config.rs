@@ -55,6 +55,9 @@ pub struct Config {
     /// Keys that clients must send; when empty, the API is open.
     #[serde(default, rename = "client_key")]
     pub client_keys: Vec<ClientKeyConfig>,
+    /// Tokens of the admin API, in the same form as client keys; without any, it is disabled.
+    #[serde(default, rename = "admin_token")]
+    pub admin_tokens: Vec<ClientKeyConfig>,
     /// Prompt budgets by workflow.
     #[serde(default, rename = "workflow")]
     pub workflows: Vec<WorkflowConfig>,
@@ -163,6 +166,7 @@ impl Default for Config {
             pricing: PricingConfig::default(),
             metrics: MetricsConfig::default(),
             client_keys: Vec::new(),
+            admin_tokens: Vec::new(),
             workflows: Vec::new(),
         }
     }

@@ -19,6 +19,7 @@ use tierd::metrics::{LabelBounds, Metrics};
 use tierd::policy::reload::{self, ConfigSource};
 use tierd::policy::{locate, Policy};
 use tierd::server::served::LOCAL_PROVIDER;
+use tierd::commands::policy::{AdminTarget, PolicyCommand, PolicyEdit};
 use tierd::commands::report::{Format, ReportArgs};
 use tierd::config::Config;
 use tierd::registry::{self, Registry, ServedModel};
@@ -123,6 +124,52 @@ enum Command {
     Key {
         #[command(subcommand)]
         action: KeyAction,
+    },
+    /// Show or change the live policy of a running server through its admin API.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+        /// Base URL of the server.
+        #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Environment variable that holds an admin token of the server's [[admin_token]] tables.
+        #[arg(long, global = true, default_value = "TIERD_ADMIN_TOKEN")]
+        token_env: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Print the task thresholds and route criteria in force.
+    Show,
+    /// Change a task's threshold, or a route's criteria; the server writes it into its config file.
+    Set {
+        /// Task whose threshold changes.
+        #[arg(long, conflicts_with = "route", required_unless_present = "route")]
+        task: Option<String>,
+        /// Route whose criteria change.
+        #[arg(long)]
+        route: Option<String>,
+        /// Confidence threshold, from 0 to 1.
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// Route only: mean, min or margin.
+        #[arg(long)]
+        confidence: Option<String>,
+        /// Route only: cascade or pre_route.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Route only: local or redact.
+        #[arg(long)]
+        pii: Option<String>,
+        /// Route only: whether the local answer is returned when every provider fails.
+        #[arg(long)]
+        local_fallback: Option<bool>,
+    },
+    /// Print the latest changes, newest first: who, when, old and new values.
+    History {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
 }
 
@@ -240,6 +287,11 @@ fn main() -> anyhow::Result<()> {
             commands::eval::run(&config, &args)
         }
         Command::Key { action } => run_key(action),
+        Command::Policy {
+            action,
+            url,
+            token_env,
+        } => run_policy(action, AdminTarget { url, token_env }),
         Command::Report {
             db,
             since,
@@ -300,7 +352,8 @@ async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<(
         tracing::info!(keys = config.client_keys.len(), "client keys are required on every endpoint but /health");
     }
     let poll = Duration::from_millis(config.server.config_poll_ms);
-    let state = Arc::new(AppState::new(policy, source, audit.clone()));
+    let history = open_history(config).await?;
+    let state = Arc::new(AppState::new(policy, source, audit.clone(), history));
     if state.config_source.is_some() {
         let interval = (!poll.is_zero()).then_some(poll);
         tokio::spawn(reload::watch(state.clone(), interval));
@@ -376,11 +429,71 @@ async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<(
     Ok(())
 }
 
+fn run_policy(action: PolicyAction, target: AdminTarget) -> anyhow::Result<()> {
+    let command = match action {
+        PolicyAction::Show => PolicyCommand::Show,
+        PolicyAction::History { limit } => PolicyCommand::History { limit },
+        PolicyAction::Set {
+            task: Some(task),
+            threshold,
+            confidence,
+            mode,
+            pii,
+            local_fallback,
+            ..
+        } => {
+            if confidence.is_some() || mode.is_some() || pii.is_some() || local_fallback.is_some() {
+                anyhow::bail!("--confidence, --mode, --pii and --local-fallback apply to --route, not --task");
+            }
+            let threshold = threshold.context("--task needs --threshold")?;
+            PolicyCommand::Set(PolicyEdit::TaskThreshold { task, threshold })
+        }
+        PolicyAction::Set {
+            route,
+            threshold,
+            confidence,
+            mode,
+            pii,
+            local_fallback,
+            ..
+        } => {
+            let route = route.context("give --task or --route")?;
+            let mut fields = serde_json::Map::new();
+            if let Some(threshold) = threshold {
+                fields.insert("threshold".into(), threshold.into());
+            }
+            for (field, value) in [("confidence", confidence), ("mode", mode), ("pii", pii)] {
+                if let Some(value) = value {
+                    fields.insert(field.into(), value.into());
+                }
+            }
+            if let Some(local_fallback) = local_fallback {
+                fields.insert("local_fallback".into(), local_fallback.into());
+            }
+            PolicyCommand::Set(PolicyEdit::Route { route, fields })
+        }
+    };
+    commands::policy::run(&target, command)
+}
+
 fn run_key(action: KeyAction) -> anyhow::Result<()> {
     match action {
         KeyAction::New { name } => commands::key::print_new_key(&name),
         KeyAction::Hash => commands::key::print_hash_of_stdin(),
     }
+}
+
+/// Opens a second connection to the audit store for the history of policy changes, which the
+/// admin API writes and reads while the writer thread holds the first.
+async fn open_history(config: &Config) -> anyhow::Result<Option<Box<dyn tierd::audit::AuditStore>>> {
+    if !config.audit.enabled {
+        return Ok(None);
+    }
+    let audit_config = config.audit.clone();
+    let store = tokio::task::spawn_blocking(move || audit_config.open_store())
+        .await
+        .context("opening the policy history store panicked")??;
+    Ok(Some(store))
 }
 
 /// Opens the audit database and starts its writer, unless `[audit] enabled = false`; records

@@ -23,20 +23,9 @@ default_max_tokens = {max_tokens}
 
 {qwen}
 
-[[task]]
-name = "greeting"
-threshold = {threshold}
-[[task.label]]
-name = "hello"
-examples = ["hello there", "good morning to you"]
-[[task.label]]
-name = "bye"
-examples = ["goodbye for now", "see you later"]
-[[task.backend]]
-kind = "embedding_head"
-encoder = "all-minilm-l6-v2"
-"#,
+{task}"#,
         qwen = model_table(QWEN, None),
+        task = greeting_task(threshold),
     )
 }
 

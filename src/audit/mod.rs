@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod handle;
+pub mod policy_change;
 pub mod postgres;
 pub mod pricing;
 pub mod record;
@@ -13,6 +14,7 @@ pub mod writer;
 
 pub use pricing::{Costs, Price, PriceTable};
 pub use record::AuditRecord;
+pub use policy_change::PolicyChange;
 pub use postgres::PostgresStore;
 pub use store::{AuditError, AuditStore, SqliteStore};
 pub use writer::{AuditWriter, WriterStats};

@@ -12,6 +12,7 @@ use std::time::Duration;
 use postgres::types::ToSql;
 use postgres::{Client, Config, NoTls};
 
+use super::policy_change::PolicyChange;
 use super::record::AuditRecord;
 use super::store::{count, sql_count, AuditError, AuditStore, COLUMNS, COLUMN_COUNT};
 
@@ -58,6 +59,15 @@ CREATE TABLE IF NOT EXISTS tierd_requests (
 CREATE INDEX IF NOT EXISTS tierd_requests_time ON tierd_requests (time_ms);
 CREATE INDEX IF NOT EXISTS tierd_requests_id ON tierd_requests (id);
 CREATE INDEX IF NOT EXISTS tierd_requests_workflow_time ON tierd_requests (workflow, time_ms);
+CREATE TABLE IF NOT EXISTS tierd_policy_changes (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    time_ms BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    old_value TEXT NOT NULL,
+    new_value TEXT NOT NULL,
+    generation BIGINT NOT NULL
+);
 ";
 
 /// Time allowed for opening a connection.
@@ -406,6 +416,52 @@ impl AuditStore for PostgresStore {
         let sql = format!("SELECT {COLUMNS} FROM tierd_requests WHERE time_ms >= $1 ORDER BY time_ms, seq");
         let rows = self.with_client(|client| client.query(&sql, &[&since_ms]))?;
         rows.iter().map(|row| read_row(row).map_err(|e| self.error(e))).collect()
+    }
+
+    fn write_policy_changes(&mut self, changes: &[PolicyChange]) -> Result<(), AuditError> {
+        self.with_client(|client| {
+            let mut transaction = client.transaction()?;
+            for change in changes {
+                let generation = sql_count(change.generation);
+                transaction.execute(
+                    "INSERT INTO tierd_policy_changes (time_ms, actor, setting, old_value, new_value, generation) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &change.time_ms,
+                        &change.actor.replace('\0', "\u{FFFD}"),
+                        &change.setting.replace('\0', "\u{FFFD}"),
+                        &change.old_value.replace('\0', "\u{FFFD}"),
+                        &change.new_value.replace('\0', "\u{FFFD}"),
+                        &generation,
+                    ],
+                )?;
+            }
+            transaction.commit()
+        })
+    }
+
+    fn policy_changes(&self, limit: usize) -> Result<Vec<PolicyChange>, AuditError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.with_client(|client| {
+            client.query(
+                "SELECT time_ms, actor, setting, old_value, new_value, generation FROM tierd_policy_changes \
+                 ORDER BY time_ms DESC, seq DESC LIMIT $1",
+                &[&limit],
+            )
+        })?;
+        rows.iter()
+            .map(|row| {
+                Ok(PolicyChange {
+                    time_ms: row.try_get(0)?,
+                    actor: row.try_get(1)?,
+                    setting: row.try_get(2)?,
+                    old_value: row.try_get(3)?,
+                    new_value: row.try_get(4)?,
+                    generation: count(row.try_get(5)?),
+                })
+            })
+            .collect::<Result<Vec<_>, postgres::Error>>()
+            .map_err(|e| self.error(e))
     }
 }
 

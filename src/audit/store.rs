@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::policy_change::PolicyChange;
 use super::record::AuditRecord;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +39,29 @@ pub trait AuditStore: Send {
 
     /// Returns the records with `time_ms` at or after `since_ms`, oldest first.
     fn records_since(&self, since_ms: i64) -> Result<Vec<AuditRecord>, AuditError>;
+
+    /// Appends `changes` to the history of the live policy, all of them or none.
+    fn write_policy_changes(&mut self, changes: &[PolicyChange]) -> Result<(), AuditError>;
+
+    /// Returns the latest `limit` policy changes, newest first.
+    fn policy_changes(&self, limit: usize) -> Result<Vec<PolicyChange>, AuditError>;
 }
 
-/// Schema version written to `PRAGMA user_version`. Version 2 added `over_budget`.
-const SCHEMA_VERSION: i64 = 2;
+/// Schema version written to `PRAGMA user_version`. Version 2 added `over_budget`, version 3
+/// the `policy_changes` table.
+const SCHEMA_VERSION: i64 = 3;
+
+const POLICY_CHANGES_TABLE: &str = "CREATE TABLE IF NOT EXISTS policy_changes (
+    time_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    old_value TEXT NOT NULL,
+    new_value TEXT NOT NULL,
+    generation INTEGER NOT NULL
+)";
 
 /// Statements that bring a database of version `index + 1` to the next version.
-const MIGRATIONS: [&str; 1] = ["ALTER TABLE requests ADD COLUMN over_budget TEXT"];
+const MIGRATIONS: [&str; 2] = ["ALTER TABLE requests ADD COLUMN over_budget TEXT", POLICY_CHANGES_TABLE];
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (
@@ -115,6 +132,7 @@ impl SqliteStore {
             }
         }
         connection.execute_batch(SCHEMA).map_err(error)?;
+        connection.execute_batch(POLICY_CHANGES_TABLE).map_err(error)?;
         connection
             .pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(error)?;
@@ -305,6 +323,64 @@ impl AuditStore for SqliteStore {
         let sql = format!("SELECT {} FROM requests WHERE time_ms >= ?1 ORDER BY time_ms, rowid", self.select);
         let mut query = self.connection.prepare(&sql).map_err(|e| self.error(e))?;
         let rows = query.query_map([since_ms], read_row).map_err(|e| self.error(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.error(e))
+    }
+
+    fn write_policy_changes(&mut self, changes: &[PolicyChange]) -> Result<(), AuditError> {
+        let path = self.path.clone();
+        let error = |source| AuditError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let transaction = self.connection.transaction().map_err(error)?;
+        for change in changes {
+            transaction
+                .execute(
+                    "INSERT INTO policy_changes (time_ms, actor, setting, old_value, new_value, generation) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        change.time_ms,
+                        change.actor,
+                        change.setting,
+                        change.old_value,
+                        change.new_value,
+                        sql_count(change.generation)
+                    ],
+                )
+                .map_err(error)?;
+        }
+        transaction.commit().map_err(error)
+    }
+
+    fn policy_changes(&self, limit: usize) -> Result<Vec<PolicyChange>, AuditError> {
+        let exists: i64 = self
+            .connection
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'policy_changes'", [], |row| row.get(0))
+            .map_err(|e| self.error(e))?;
+        if exists == 0 {
+            // A file older than version 3, opened read-only, has no history.
+            return Ok(Vec::new());
+        }
+        let mut query = self
+            .connection
+            .prepare(
+                "SELECT time_ms, actor, setting, old_value, new_value, generation FROM policy_changes \
+                 ORDER BY time_ms DESC, rowid DESC LIMIT ?1",
+            )
+            .map_err(|e| self.error(e))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = query
+            .query_map([limit], |row| {
+                Ok(PolicyChange {
+                    time_ms: row.get(0)?,
+                    actor: row.get(1)?,
+                    setting: row.get(2)?,
+                    old_value: row.get(3)?,
+                    new_value: row.get(4)?,
+                    generation: count(row.get(5)?),
+                })
+            })
+            .map_err(|e| self.error(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.error(e))
     }
 }

@@ -198,6 +198,7 @@ fn write(store: &mut dyn AuditStore, batch: &mut Vec<AuditRecord>, stats: &Write
 mod tests {
     use super::*;
     use crate::audit::store::AuditError;
+    use crate::audit::PolicyChange;
     use std::sync::Mutex;
 
     /// A store that keeps records in memory, and blocks its writes while `gate` is held.
@@ -218,6 +219,14 @@ mod tests {
 
         fn records_since(&self, _since_ms: i64) -> Result<Vec<AuditRecord>, AuditError> {
             Ok(self.records.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        }
+
+        fn write_policy_changes(&mut self, _changes: &[PolicyChange]) -> Result<(), AuditError> {
+            Err(AuditError::Config("the writer tests keep no policy history".into()))
+        }
+
+        fn policy_changes(&self, _limit: usize) -> Result<Vec<PolicyChange>, AuditError> {
+            Ok(Vec::new())
         }
     }
 
@@ -267,6 +276,14 @@ mod tests {
         }
 
         fn records_since(&self, _since_ms: i64) -> Result<Vec<AuditRecord>, AuditError> {
+            Ok(Vec::new())
+        }
+
+        fn write_policy_changes(&mut self, _changes: &[PolicyChange]) -> Result<(), AuditError> {
+            Err(AuditError::Config("the writer tests keep no policy history".into()))
+        }
+
+        fn policy_changes(&self, _limit: usize) -> Result<Vec<PolicyChange>, AuditError> {
             Ok(Vec::new())
         }
     }

@@ -1,9 +1,10 @@
 //! Offline commands that run without the HTTP server: `tierd train`, `tierd eval`,
-//! `tierd report` and `tierd key`.
+//! `tierd report`, `tierd key` and `tierd policy`.
 
 pub mod escalation_eval;
 pub mod eval;
 pub mod key;
+pub mod policy;
 pub mod report;
 pub mod train;
 

@@ -9,6 +9,7 @@
 //! `[metrics]` are fixed when the server starts. A changed file applies the rest, and the log
 //! names the sections that need a restart.
 
+pub mod changes;
 pub mod locate;
 pub mod reload;
 
@@ -31,6 +32,8 @@ pub struct Policy {
     /// Routes by the model name clients request.
     pub routes: HashMap<String, Route>,
     pub client_keys: ClientKeys,
+    /// Tokens of the admin API; none configured disables it.
+    pub admin_tokens: ClientKeys,
     pub budgets: Budgets,
     /// Confidence threshold of each task, by task name.
     pub thresholds: HashMap<String, f64>,
@@ -60,6 +63,7 @@ impl Policy {
             .map(|route| Route::new(route.clone()).map(|route| (route.name().to_string(), route)))
             .collect::<Result<HashMap<_, _>, _>>()?;
         let client_keys = ClientKeys::new(&config.client_keys)?;
+        let admin_tokens = ClientKeys::from_tables(&config.admin_tokens, "admin_token")?;
         let budgets = Budgets::new(&config.workflows)?;
         let prices = config.pricing.table(&config.providers)?;
         let served: Vec<&str> = models
@@ -91,6 +95,7 @@ impl Policy {
             config,
             routes,
             client_keys,
+            admin_tokens,
             budgets,
             thresholds,
             prices,

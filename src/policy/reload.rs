@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use super::changes::{diff, Changed};
 use super::{locate, Policy};
 use crate::config::Config;
 use crate::server::AppState;
@@ -65,6 +66,8 @@ pub struct Reloaded {
     pub generation: u64,
     /// Sections that changed but apply only after a restart.
     pub restart_needed: Vec<&'static str>,
+    /// Task thresholds and route criteria that the new policy changed.
+    pub changes: Vec<Changed>,
 }
 
 /// Reads the config file, builds its policy and swaps it in. Blocking: it reads the file and
@@ -97,11 +100,13 @@ pub fn reload(state: &AppState) -> Result<Reloaded, ReloadError> {
     };
 
     let generation = policy.generation;
+    let changes = diff(&running, &policy);
     state.audit.prices.store(Arc::new(policy.prices.clone()));
     state.policy.store(Arc::new(policy));
     Ok(Reloaded {
         generation,
         restart_needed,
+        changes,
     })
 }
 
@@ -130,17 +135,28 @@ fn keep_running_sections(mut new: Config, running: &Config) -> Config {
     new
 }
 
+/// Actor of the policy changes that an edit of the config file makes.
+pub const FILE_ACTOR: &str = "config file";
+
 /// Reloads and logs the outcome; `cause` names the trigger.
 async fn reload_and_log(state: &Arc<AppState>, cause: &str) {
     let reloading = state.clone();
     let outcome = tokio::task::spawn_blocking(move || {
         let _one_at_a_time = reloading.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
-        reload(&reloading)
+        let reloaded = reload(&reloading)?;
+        // A failed history write is logged inside; the reload itself has been applied.
+        let _ = reloading.record_changes(FILE_ACTOR, &reloaded);
+        Ok::<_, ReloadError>(reloaded)
     })
     .await;
     match outcome {
         Ok(Ok(reloaded)) => {
-            tracing::info!(cause, generation = reloaded.generation, "config reloaded; new requests use the new policy");
+            tracing::info!(
+                cause,
+                generation = reloaded.generation,
+                changes = reloaded.changes.len(),
+                "config reloaded; new requests use the new policy"
+            );
             if !reloaded.restart_needed.is_empty() {
                 tracing::warn!(
                     sections = %reloaded.restart_needed.join(", "),

@@ -49,7 +49,7 @@ impl std::fmt::Display for ModelRef {
 }
 
 /// Decision rule of a route between the local model and the providers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteMode {
     /// The local model generates a completion first. It is kept when its confidence reaches
@@ -61,7 +61,7 @@ pub enum RouteMode {
 }
 
 /// Formula for the confidence of a completion, computed from its tokens' log-probabilities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConfidenceMetric {
     /// Geometric mean of the chosen tokens' probabilities: `exp(mean(logprob))`.
@@ -84,7 +84,7 @@ impl ConfidenceMetric {
 }
 
 /// Treatment of a request in which the PII detector finds personal data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PiiPolicy {
     /// The request never leaves the box: the local completion is returned and flagged.

@@ -102,7 +102,7 @@ pub(super) fn tag_workflow(audit: &AuditHandle, metadata: Option<&HashMap<String
     });
 }
 
-fn unix_time_ms() -> i64 {
+pub(super) fn unix_time_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

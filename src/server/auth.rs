@@ -16,7 +16,9 @@ use crate::audit::handle::AuditHandle;
 /// key's name in the audit record.
 pub async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let policy = state.policy();
-    if !policy.client_keys.required() || request.uri().path() == "/health" {
+    // The admin API has tokens of its own.
+    let path = request.uri().path();
+    if !policy.client_keys.required() || path == "/health" || path.starts_with("/admin/") {
         return next.run(request).await;
     }
     let header = request.headers().get(AUTHORIZATION).map(|value| value.to_str());
@@ -46,7 +48,7 @@ pub async fn authenticate(State(state): State<Arc<AppState>>, request: Request, 
 }
 
 /// Returns the key of a `Bearer KEY` header value; the scheme is case-insensitive (RFC 7235).
-fn bearer_token(value: &str) -> Option<&str> {
+pub(super) fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, key) = value.trim().split_once(' ')?;
     let key = key.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)

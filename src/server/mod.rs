@@ -8,6 +8,7 @@
 //! middleware starts each inference request's audit record, `auth` checks client keys,
 //! `budget` applies the workflow prompt budgets and `metrics` serves `/metrics`.
 
+mod admin;
 mod audit;
 mod auth;
 mod budget;
@@ -35,14 +36,15 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::sse::Event;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post, put};
 use axum::Router;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::audit::handle::{AuditHandle, AuditSink};
 use crate::classify::TaskSet;
-use crate::policy::reload::ConfigSource;
+use crate::audit::{AuditError, AuditStore, PolicyChange};
+use crate::policy::reload::{ConfigSource, Reloaded};
 use crate::policy::Policy;
 use crate::engine::generate::Timings;
 use crate::engine::{GenerationEvent, GenerationRequest, TokenLogprob};
@@ -59,8 +61,12 @@ pub struct AppState {
     pub policy: ArcSwap<Policy>,
     /// The config file and command-line options that reloads read; `None` without `--config`.
     pub config_source: Option<ConfigSource>,
-    /// Serialises reloads, which may come from the file watcher and SIGHUP at once.
+    /// Serialises reloads, which may come from the file watcher, SIGHUP and the admin API at
+    /// once.
     pub reload_lock: Mutex<()>,
+    /// The audit store's connection for the history of policy changes; `None` when the audit
+    /// trail is disabled.
+    pub history: Option<Mutex<Box<dyn AuditStore>>>,
     /// Destination of finished requests' records: the metrics, and the audit store unless
     /// `[audit] enabled = false`.
     pub audit: Arc<AuditSink>,
@@ -71,11 +77,17 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(policy: Policy, config_source: Option<ConfigSource>, audit: Arc<AuditSink>) -> Self {
+    pub fn new(
+        policy: Policy,
+        config_source: Option<ConfigSource>,
+        audit: Arc<AuditSink>,
+        history: Option<Box<dyn AuditStore>>,
+    ) -> Self {
         Self {
             policy: ArcSwap::from_pointee(policy),
             config_source,
             reload_lock: Mutex::new(()),
+            history: history.map(Mutex::new),
             audit,
             registry: OnceLock::new(),
             tasks: OnceLock::new(),
@@ -85,6 +97,36 @@ impl AppState {
     /// Returns the policy in force. A request keeps the one it started with.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()
+    }
+
+    /// Appends the changes of a reload to the history, made by `actor`. Blocking. A failed
+    /// write is logged, because the change itself has been applied.
+    pub fn record_changes(&self, actor: &str, reloaded: &Reloaded) -> Result<(), AuditError> {
+        if reloaded.changes.is_empty() {
+            return Ok(());
+        }
+        let Some(history) = &self.history else {
+            return Ok(());
+        };
+        let time_ms = audit::unix_time_ms();
+        let changes: Vec<PolicyChange> = reloaded
+            .changes
+            .iter()
+            .map(|change| PolicyChange {
+                time_ms,
+                actor: actor.to_string(),
+                setting: change.setting.clone(),
+                old_value: change.old_value.clone(),
+                new_value: change.new_value.clone(),
+                generation: reloaded.generation,
+            })
+            .collect();
+        let mut store = history.lock().unwrap_or_else(|p| p.into_inner());
+        let written = store.write_policy_changes(&changes);
+        if let Err(error) = &written {
+            tracing::error!(%error, actor, changes = changes.len(), "failed to record policy changes in the history");
+        }
+        written
     }
 
     fn registry(&self) -> Result<&Registry, ApiError> {
@@ -104,7 +146,14 @@ static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.policy().config.server.max_body_bytes;
+    let admin = Router::new()
+        .route("/admin/policy", get(admin::show_policy))
+        .route("/admin/tasks/{task}/threshold", put(admin::set_task_threshold))
+        .route("/admin/routes/{route}", patch(admin::change_route))
+        .route("/admin/history", get(admin::history))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin::authenticate_admin));
     Router::new()
+        .merge(admin)
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/classify", post(classify::classify))

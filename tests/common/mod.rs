@@ -72,6 +72,26 @@ pub fn model_table(id: &str, context_length: Option<usize>) -> String {
     table
 }
 
+/// Returns a `greeting` task of two labels, `hello` and `bye`, answered by a MiniLM head, with
+/// `threshold` as the text after `threshold = ` (a value, optionally with a comment).
+pub fn greeting_task(threshold: &str) -> String {
+    format!(
+        r#"[[task]]
+name = "greeting"
+threshold = {threshold}
+[[task.label]]
+name = "hello"
+examples = ["hello there", "good morning to you"]
+[[task.label]]
+name = "bye"
+examples = ["goodbye for now", "see you later"]
+[[task.backend]]
+kind = "embedding_head"
+encoder = "all-minilm-l6-v2"
+"#
+    )
+}
+
 /// A running `tierd serve` process, killed when dropped.
 pub struct Server {
     pub base_url: String,
@@ -98,6 +118,16 @@ impl Server {
 
     /// Like [`Server::try_start`], with `env` added to the server's environment.
     pub fn try_start_with_env(name: &str, config: &str, env: &[(&str, &str)]) -> Result<Server, String> {
+        Self::launch(name, config, env, false)
+    }
+
+    /// Like [`Server::start`], but keeps the audit database of an earlier server of the same
+    /// name, as a restart in production would.
+    pub fn restart_keeping_audit(name: &str, config: &str) -> Server {
+        Self::launch(name, config, &[], true).unwrap_or_else(|message| panic!("{message}"))
+    }
+
+    fn launch(name: &str, config: &str, env: &[(&str, &str)], keep_audit: bool) -> Result<Server, String> {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("api-tests").join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let config_path = dir.join("config.toml");
@@ -111,8 +141,10 @@ impl Server {
         let log_for_stderr = log.try_clone().map_err(|e| format!("clone the log file handle: {e}"))?;
 
         let audit_db = dir.join("audit.db");
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(dir.join(format!("audit.db{suffix}")));
+        if !keep_audit {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(dir.join(format!("audit.db{suffix}")));
+            }
         }
 
         let port = free_port();

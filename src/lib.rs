@@ -18,3 +18,4 @@ pub mod budget;
 pub mod client_keys;
 pub mod metrics;
 pub mod policy;
+pub mod chart;

@@ -10,7 +10,8 @@ use arc_swap::ArcSwap;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tierd::classify::setup::load_tasks;
-use tierd::commands::{self, eval::EvalArgs, train::TrainArgs};
+use tierd::routing::config::RouteMode;
+use tierd::commands::{self, calibrate::CalibrateArgs, eval::EvalArgs, train::TrainArgs};
 use tierd::audit::handle::AuditSink;
 use tierd::audit::AuditWriter;
 use tierd::audit::report::GroupBy;
@@ -23,7 +24,6 @@ use tierd::commands::policy::{AdminTarget, PolicyCommand, PolicyEdit};
 use tierd::commands::report::{Format, ReportArgs};
 use tierd::config::Config;
 use tierd::registry::{self, Registry, ServedModel};
-use tierd::routing::config::RouteMode;
 use tierd::server::{self, AppState};
 use tracing_subscriber::EnvFilter;
 
@@ -99,6 +99,47 @@ enum Command {
         /// [default: 0,0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.97,0.99].
         #[arg(long, value_delimiter = ',')]
         thresholds: Option<Vec<f64>>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Pick a task's threshold from labelled JSONL data: the one that keeps the most answers
+    /// local while the lower bound of their accuracy (95 % Wilson interval) reaches the target.
+    Calibrate {
+        #[arg(long)]
+        task: String,
+        /// JSONL file of {"text", "label"} lines; repeat to calibrate on several files.
+        #[arg(long, required = true)]
+        data: Vec<PathBuf>,
+        /// Accuracy the answers kept local must reach, from 0 to 1.
+        #[arg(long)]
+        target_accuracy: f64,
+        /// Share of the data set aside, after a seeded shuffle, to check the chosen threshold on.
+        #[arg(long, default_value_t = 0.0)]
+        holdout: f64,
+        /// Seed of the shuffle of --holdout.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Run only this backend of the task's chain (0 is the first) on every input.
+        #[arg(long)]
+        backend: Option<usize>,
+        /// Use only the first N examples.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// PNG file of the accuracy and coverage curves [default: calibration-TASK.png].
+        #[arg(long)]
+        chart: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Set the chosen threshold on the server at --url through its admin API.
+        #[arg(long)]
+        apply: bool,
+        /// Base URL of the server --apply changes.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Environment variable that holds an admin token of the server's [[admin_token]] tables.
+        #[arg(long, default_value = "TIERD_ADMIN_TOKEN")]
+        token_env: String,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -285,6 +326,36 @@ fn main() -> anyhow::Result<()> {
                 thresholds,
             };
             commands::eval::run(&config, &args)
+        }
+        Command::Calibrate {
+            task,
+            data,
+            target_accuracy,
+            holdout,
+            seed,
+            backend,
+            limit,
+            chart,
+            json,
+            apply,
+            url,
+            token_env,
+            common,
+        } => {
+            let config = common.load()?;
+            let args = CalibrateArgs {
+                chart: chart.unwrap_or_else(|| PathBuf::from(format!("calibration-{task}.png"))),
+                task,
+                data,
+                target_accuracy,
+                holdout,
+                seed,
+                backend,
+                limit,
+                json,
+                apply: apply.then_some(AdminTarget { url, token_env }),
+            };
+            commands::calibrate::run(&config, &args)
         }
         Command::Key { action } => run_key(action),
         Command::Policy {

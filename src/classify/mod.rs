@@ -3,9 +3,11 @@
 //!
 //! `task_config` holds the configuration and the built-in tasks, `task` the loaded task and
 //! its backend chain, and `backend` the two backends. `encoder`, `head`, `label_scoring` and
-//! `prompt` are their parts; `train`, `fit` and `dataset` fit heads; `metrics` evaluates.
+//! `prompt` are their parts; `train`, `fit` and `dataset` fit heads; `metrics` evaluates and
+//! `calibration` picks thresholds.
 
 pub mod backend;
+pub mod calibration;
 pub mod dataset;
 pub mod encoder;
 pub mod fit;

@@ -3,18 +3,18 @@
 //! `--escalate-to`, it also reports accuracy and cost of escalating to a remote model.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde::Serialize;
 
 use crate::classify::dataset;
 use crate::classify::metrics::{
-    accuracy, coverage_table, expected_calibration_error, macro_f1, most_confident, CoverageRow, Prediction,
+    accuracy, coverage_table, expected_calibration_error, macro_f1, most_confident, CoverageRow,
 };
 use crate::config::Config;
 
 use super::escalation_eval::{self, EscalationReport, EscalationTarget};
+use super::labelled_run::{self, LabelledRun};
 
 pub struct EvalArgs {
     pub task: String,
@@ -33,8 +33,6 @@ pub struct EvalArgs {
 /// Thresholds of the tables when `--thresholds` is not given.
 pub const DEFAULT_THRESHOLDS: [f64; 10] = [0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99];
 
-/// Inputs sent to the task in one call.
-const BATCH: usize = 64;
 /// Equal-width confidence bins of the calibration error.
 const ECE_BINS: usize = 10;
 /// Shares of inputs, most confident first, whose accuracy the report lists.
@@ -74,16 +72,7 @@ pub fn run(config: &Config, args: &EvalArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|target| EscalationTarget::new(config, target))
         .transpose()?;
-    if let Some(index) = args.backend {
-        if index >= task_config.backends.len() {
-            bail!(
-                "--backend {index} is out of range: task `{}` has {} backends (0 to {})",
-                task_config.name,
-                task_config.backends.len(),
-                task_config.backends.len() - 1
-            );
-        }
-    }
+    super::check_backend_index(&task_config, args.backend)?;
     let task = super::load_task(config, task_config)?;
 
     let mut examples = dataset::read_all(&args.data)?;
@@ -91,66 +80,17 @@ pub fn run(config: &Config, args: &EvalArgs) -> anyhow::Result<()> {
         examples.truncate(limit);
     }
     let names: Vec<&str> = task.labels.iter().map(|l| l.name.as_str()).collect();
-    let mut truths = Vec::with_capacity(examples.len());
-    for (index, example) in examples.iter().enumerate() {
-        let truth = names.iter().position(|n| *n == example.label).with_context(|| {
-            format!(
-                "{}: label `{}` is not one of task `{}`'s labels ({})",
-                example.describe(index),
-                example.label,
-                task.name,
-                names.join(", ")
-            )
-        })?;
-        truths.push(truth);
-    }
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let started = Instant::now();
-    let mut predictions = Vec::with_capacity(examples.len());
-    let mut answered_by: Vec<(String, String, usize)> = Vec::new();
-    let (mut prompt_tokens, mut cached_tokens) = (0, 0);
-    for (batch_index, batch) in examples.chunks(BATCH).enumerate() {
-        let texts: Vec<String> = batch.iter().map(|e| e.text.clone()).collect();
-        let classification = runtime.block_on(task.clone().classify_with(texts, args.backend))?;
-        prompt_tokens += classification.usage.prompt_tokens;
-        cached_tokens += classification.usage.cached_tokens;
-        for result in classification.results {
-            let predicted = names.iter().position(|n| *n == result.label).unwrap_or(0);
-            predictions.push(Prediction {
-                predicted,
-                truth: truths[predictions.len()],
-                confidence: result.confidence,
-            });
-            match answered_by
-                .iter_mut()
-                .find(|(kind, model, _)| kind == result.backend && *model == result.model)
-            {
-                Some(entry) => entry.2 += 1,
-                None => answered_by.push((result.backend.to_string(), result.model.clone(), 1)),
-            }
-        }
-        let progress = format!(
-            "{} / {} examples, {:.1} s",
-            batch_index * BATCH + batch.len(),
-            examples.len(),
-            started.elapsed().as_secs_f64()
-        );
-        // A terminal shows one line that updates in place; a log file gets one line a batch.
-        if terminal {
-            eprint!("\r{progress}");
-        } else {
-            eprintln!("{progress}");
-        }
-    }
-    if terminal {
-        eprintln!();
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let LabelledRun {
+        predictions,
+        answered_by,
+        seconds,
+        prompt_tokens,
+        cached_tokens,
+    } = labelled_run::run(&task, &examples, args.backend, &runtime)?;
 
     let escalation = match &target {
         Some(target) => Some(escalation_eval::evaluate(

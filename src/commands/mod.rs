@@ -1,9 +1,11 @@
 //! Offline commands that run without the HTTP server: `tierd train`, `tierd eval`,
-//! `tierd report`, `tierd key` and `tierd policy`.
+//! `tierd calibrate`, `tierd report`, `tierd key` and `tierd policy`.
 
+pub mod calibrate;
 pub mod escalation_eval;
 pub mod eval;
 pub mod key;
+pub mod labelled_run;
 pub mod policy;
 pub mod report;
 pub mod train;
@@ -26,6 +28,19 @@ pub fn task_config(config: &Config, name: &str) -> anyhow::Result<TaskConfig> {
         .into_iter()
         .find(|task| task.name == name)
         .with_context(|| format!("task `{name}` is not configured (tasks: {})", names.join(", ")))
+}
+
+/// Checks that `backend`, when given, indexes the task's chain.
+pub fn check_backend_index(task: &TaskConfig, backend: Option<usize>) -> anyhow::Result<()> {
+    match backend {
+        Some(index) if index >= task.backends.len() => bail!(
+            "--backend {index} is out of range: task `{}` has {} backends (0 to {})",
+            task.name,
+            task.backends.len(),
+            task.backends.len() - 1
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Loads task `config` with only the models and encoders it uses. Every backend must load.

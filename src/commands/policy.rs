@@ -25,6 +25,14 @@ pub enum PolicyCommand {
 
 /// Sends `command` to the admin API and prints the JSON response.
 pub fn run(target: &AdminTarget, command: PolicyCommand) -> anyhow::Result<()> {
+    let response = send(target, command)?;
+    println!("{}", serde_json::to_string_pretty(&response)?);
+    Ok(())
+}
+
+/// Sends `command` to the admin API and returns its JSON response, or an error with the status
+/// and body of a response that is not a success.
+pub fn send(target: &AdminTarget, command: PolicyCommand) -> anyhow::Result<Value> {
     let token = std::env::var(&target.token_env)
         .ok()
         .filter(|token| !token.is_empty())
@@ -60,15 +68,15 @@ pub fn run(target: &AdminTarget, command: PolicyCommand) -> anyhow::Result<()> {
         let body = response.text().await.context("failed to read the response")?;
         Ok::<_, anyhow::Error>((status, body))
     })?;
-    let pretty = serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|value| serde_json::to_string_pretty(&value).ok())
-        .unwrap_or(body);
+    let parsed = serde_json::from_str::<Value>(&body);
     if !status.is_success() {
+        let pretty = parsed
+            .ok()
+            .and_then(|value| serde_json::to_string_pretty(&value).ok())
+            .unwrap_or(body);
         bail!("the server responded {status}: {pretty}");
     }
-    println!("{pretty}");
-    Ok(())
+    parsed.with_context(|| format!("the server responded {status} with a body that is not JSON: {body}"))
 }
 
 /// Percent-encodes a task or route name for a URL path segment.

@@ -10,7 +10,6 @@ use arc_swap::ArcSwap;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tierd::classify::setup::load_tasks;
-use tierd::routing::config::RouteMode;
 use tierd::commands::{self, calibrate::CalibrateArgs, eval::EvalArgs, train::TrainArgs};
 use tierd::audit::handle::AuditSink;
 use tierd::audit::AuditWriter;
@@ -431,6 +430,8 @@ async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<(
     }
     let loader_state = state.clone();
     tokio::task::spawn_blocking(move || {
+        // Reloads wait until the first models and tasks are in place, because they build on them.
+        let _loading = loader_state.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut served = Vec::with_capacity(models.len());
         for model in &models {
             match ServedModel::load(model, queue_capacity) {
@@ -441,33 +442,17 @@ async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<(
                 }
             }
         }
-        if loader_state.registry.set(Registry::new(served)).is_err() {
-            tracing::error!("models were loaded twice");
-        }
+        let registry = Arc::new(Registry::new(served));
+        loader_state.registry.store(Some(registry.clone()));
         tracing::info!("all models loaded");
 
-        let Some(registry) = loader_state.registry.get() else {
-            return;
-        };
-        match load_tasks(tasks, &encoders, registry, encoder_queue_capacity) {
+        match load_tasks(tasks, &encoders, &registry, encoder_queue_capacity, None) {
             Ok(tasks) => {
-                for route in loader_state.policy().routes.values() {
-                    let labels: Vec<String> = tasks
-                        .get(&route.config.route_task)
-                        .map(|task| task.labels.iter().map(|l| l.name.clone()).collect())
-                        .unwrap_or_default();
-                    if route.config.mode == RouteMode::PreRoute && labels.is_empty() {
-                        tracing::error!(route = route.name(), task = %route.config.route_task, "the route task did not load; exiting");
-                        std::process::exit(1);
-                    }
-                    if let Err(error) = route.check_route_labels(&labels) {
-                        tracing::error!(%error, "invalid route; exiting");
-                        std::process::exit(1);
-                    }
+                if let Err(error) = loader_state.policy().check_route_tasks(&tasks) {
+                    tracing::error!(%error, "invalid route; exiting");
+                    std::process::exit(1);
                 }
-                if loader_state.tasks.set(tasks).is_err() {
-                    tracing::error!("tasks were loaded twice");
-                }
+                loader_state.tasks.store(Some(Arc::new(tasks)));
                 tracing::info!("ready");
             }
             Err(error) => {

@@ -176,6 +176,53 @@ impl Registry {
         Self { models, order }
     }
 
+    /// Builds the registry of `configs` for a reload: a model whose config equals its config in
+    /// `previous_configs` is taken from `previous` as it is, and the others are loaded. Models
+    /// left out are unloaded once the last request that uses them ends. Blocking.
+    pub fn reload(
+        previous: &Registry,
+        previous_configs: &[ModelConfig],
+        configs: &[ModelConfig],
+        queue_capacity: usize,
+    ) -> Result<Self, LoadError> {
+        let mut models = HashMap::new();
+        let mut order = Vec::with_capacity(configs.len());
+        for config in configs {
+            let unchanged = previous_configs
+                .iter()
+                .find(|old| old.id == config.id)
+                .is_some_and(|old| format!("{old:?}") == format!("{config:?}"));
+            let model = match previous.get(&config.id) {
+                Some(model) if unchanged => model,
+                _ => {
+                    let model = ServedModel::load(config, queue_capacity)?;
+                    tracing::info!(model = %config.id, "model loaded by a config reload");
+                    Arc::new(model)
+                }
+            };
+            order.push(config.id.clone());
+            models.insert(config.id.clone(), model);
+        }
+        for id in previous.order.iter().filter(|id| !models.contains_key(*id)) {
+            tracing::info!(model = %id, "model unloaded by a config reload once its last request ends");
+        }
+        Ok(Self { models, order })
+    }
+
+    /// Returns the models of `self`, then those of `other` that `self` lacks. Serves requests
+    /// that started under the previous policy while a reload swaps the registry.
+    pub fn with_missing_from(&self, other: &Registry) -> Self {
+        let mut models = self.models.clone();
+        let mut order = self.order.clone();
+        for id in &other.order {
+            if let (false, Some(model)) = (models.contains_key(id), other.get(id)) {
+                models.insert(id.clone(), model);
+                order.push(id.clone());
+            }
+        }
+        Self { models, order }
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<ServedModel>> {
         self.models.get(id).cloned()
     }

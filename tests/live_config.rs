@@ -125,3 +125,82 @@ async fn sighup_reloads_without_polling() {
     assert!(applied, "SIGHUP did not reload; log:\n{}", server.log());
     assert!(server.log().contains("SIGHUP"), "{}", server.log());
 }
+
+/// Returns the ids of `/v1/models`.
+async fn model_ids(server: &Server) -> Vec<String> {
+    let reply = get(server, "/v1/models").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    reply.json()["data"]
+        .as_array()
+        .map(|models| models.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// Returns the `created` time of model `id` in `/v1/models`, which is when it was loaded.
+async fn created(server: &Server, id: &str) -> u64 {
+    let reply = get(server, &format!("/v1/models/{id}")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    reply.json()["created"].as_u64().unwrap_or(0)
+}
+
+fn count(log: &str, text: &str) -> usize {
+    log.lines().filter(|line| line.contains(text)).count()
+}
+
+#[tokio::test]
+async fn model_entries_load_and_unload_live() {
+    let base = config("0.5", 200, 16);
+    let server = Server::start("live-config-models", &base);
+    assert_eq!(model_ids(&server).await, [QWEN]);
+    let qwen_created = created(&server, QWEN).await;
+    // Loaded at different seconds, so a reload of qwen would show in `created`.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // An added model is loaded and served; the unchanged model and encoder are kept.
+    let with_smollm = format!("{base}\n{}", model_table(SMOLLM, None));
+    std::fs::write(&server.config_path, &with_smollm).expect("edit the config");
+    let loaded = wait_for(Duration::from_secs(60), async || model_ids(&server).await.len() == 2).await;
+    assert!(loaded, "the added model was not loaded; log:\n{}", server.log());
+    let reply = post(&server, "/v1/chat/completions", &chat_request(SMOLLM, "Say hi.", 4)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(created(&server, QWEN).await, qwen_created, "the unchanged model was loaded again");
+    let log = server.log();
+    assert_eq!(count(&log, "model loaded by a config reload"), 1, "{log}");
+    assert_eq!(count(&log, "encoder loaded"), 1, "the unchanged encoder was loaded again:\n{log}");
+    assert!(!below_threshold(&server).await, "the task did not survive the reload");
+
+    // A model whose file is missing is rejected, naming the model, and the old set stays.
+    let missing = with_smollm.replace("SmolLM2-135M-Instruct.Q4_1.gguf", "missing.gguf");
+    std::fs::write(&server.config_path, missing).expect("edit the config");
+    let logged = wait_for(Duration::from_secs(10), async || server.log().contains("config reload rejected")).await;
+    assert!(logged, "no rejection logged; log:\n{}", server.log());
+    let log = server.log();
+    let rejection = log.lines().find(|line| line.contains("config reload rejected")).unwrap_or_default();
+    assert!(rejection.contains(&format!("model `{SMOLLM}`")), "{rejection}");
+    assert!(rejection.contains("missing.gguf"), "{rejection}");
+    let reply = post(&server, "/v1/chat/completions", &chat_request(SMOLLM, "Say hi.", 4)).await;
+    assert_eq!(reply.status, StatusCode::OK, "the running model was dropped: {}", reply.text);
+
+    // A removed model is no longer served.
+    std::fs::write(&server.config_path, &base).expect("edit the config");
+    let unloaded = wait_for(Duration::from_secs(10), async || model_ids(&server).await.len() == 1).await;
+    assert!(unloaded, "the removed model is still listed; log:\n{}", server.log());
+    let reply = post(&server, "/v1/chat/completions", &chat_request(SMOLLM, "Say hi.", 4)).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text);
+    assert!(server.log().contains("model unloaded by a config reload"), "{}", server.log());
+    assert_eq!(created(&server, QWEN).await, qwen_created);
+
+    // A changed task definition is rebuilt: a third label appears.
+    let three_labels = base.replace(
+        "[[task.backend]]",
+        "[[task.label]]\nname = \"thanks\"\nexamples = [\"thank you so much\", \"many thanks\"]\n[[task.backend]]",
+    );
+    std::fs::write(&server.config_path, three_labels).expect("edit the config");
+    let rebuilt = wait_for(Duration::from_secs(30), async || {
+        get(&server, "/v1/tasks").await.json()["data"][0]["labels"].as_array().map(Vec::len) == Some(3)
+    })
+    .await;
+    assert!(rebuilt, "the changed task was not rebuilt; log:\n{}", server.log());
+    let body = post_ok(&server, "/v1/classify", &json!({"task": "greeting", "input": "many thanks"})).await;
+    assert_eq!(body["results"][0]["label"], "thanks", "{body}");
+}

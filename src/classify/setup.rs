@@ -26,11 +26,14 @@ pub enum SetupError {
 /// Loads `tasks`. A configured task must load in full. A built-in task instead loses the
 /// backends whose encoder, model or files are missing, with a warning, and is left out when
 /// none remains, so the server still starts on a partial set of models.
+///
+/// An encoder that `previous` loaded from the same config is shared rather than loaded again.
 pub fn load_tasks(
     tasks: Vec<TaskConfig>,
     encoders: &[EncoderConfig],
     registry: &Registry,
     encoder_queue_capacity: usize,
+    previous: Option<&TaskSet>,
 ) -> Result<TaskSet, SetupError> {
     let mut tasks = tasks;
     for task in tasks.iter_mut().filter(|task| task.builtin) {
@@ -55,6 +58,7 @@ pub fn load_tasks(
     tasks.retain(|task| !task.backends.is_empty());
 
     let mut loaded_encoders: HashMap<String, Arc<EncoderWorker>> = HashMap::new();
+    let mut encoder_configs = Vec::new();
     for task in &tasks {
         for backend in &task.backends {
             let BackendConfig::EmbeddingHead { encoder: id, .. } = backend else {
@@ -67,6 +71,11 @@ pub fn load_tasks(
                 // Task::load reports the missing encoder with the task's name.
                 continue;
             };
+            if let Some(worker) = previous.and_then(|set| set.encoder_loaded_from(id, config)) {
+                loaded_encoders.insert(id.clone(), worker);
+                encoder_configs.push(config.clone());
+                continue;
+            }
             let error = |message: String| SetupError::Encoder {
                 id: id.clone(),
                 path: config.path.display().to_string(),
@@ -81,6 +90,7 @@ pub fn load_tasks(
             );
             let worker = EncoderWorker::spawn(id, encoder, encoder_queue_capacity).map_err(|e| error(e.to_string()))?;
             loaded_encoders.insert(id.clone(), Arc::new(worker));
+            encoder_configs.push(config.clone());
         }
     }
 
@@ -102,5 +112,12 @@ pub fn load_tasks(
         tasks = %loaded.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "),
         "tasks loaded"
     );
-    Ok(TaskSet::new(loaded))
+    let encoders = encoder_configs
+        .into_iter()
+        .filter_map(|config| {
+            let worker = loaded_encoders.get(&config.id)?.clone();
+            Some((config, worker))
+        })
+        .collect();
+    Ok(TaskSet::new(loaded, encoders))
 }

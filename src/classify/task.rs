@@ -17,6 +17,7 @@ use super::label_scoring::{LabelSet, LabelSetError};
 use super::prompt::{interleave_examples, PromptLabel, PromptTask, PromptTemplate};
 use super::task_config::{BackendConfig, LabelConfig, Overflow, PromptFormat, TaskConfig};
 use super::train::TrainOptions;
+use crate::config::EncoderConfig;
 use crate::registry::Registry;
 use crate::routing::config::EscalationConfig;
 
@@ -591,13 +592,25 @@ fn map_head_labels(head_labels: &[String], names: &[String]) -> Result<Vec<usize
 #[derive(Default)]
 pub struct TaskSet {
     tasks: Vec<Arc<Task>>,
+    /// The encoders the tasks use, with the config each was loaded from, so that a reload
+    /// keeps those whose config is unchanged.
+    encoders: Vec<(EncoderConfig, Arc<EncoderWorker>)>,
 }
 
 impl TaskSet {
-    pub fn new(tasks: Vec<Task>) -> Self {
+    pub fn new(tasks: Vec<Task>, encoders: Vec<(EncoderConfig, Arc<EncoderWorker>)>) -> Self {
         Self {
             tasks: tasks.into_iter().map(Arc::new).collect(),
+            encoders,
         }
+    }
+
+    /// Returns the loaded encoder `id` if it was loaded from `config`.
+    pub fn encoder_loaded_from(&self, id: &str, config: &EncoderConfig) -> Option<Arc<EncoderWorker>> {
+        self.encoders
+            .iter()
+            .find(|(loaded, _)| loaded.id == id && format!("{loaded:?}") == format!("{config:?}"))
+            .map(|(_, worker)| worker.clone())
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Task>> {

@@ -5,9 +5,9 @@
 //! never applies to half a request. `reload` re-reads the config file when it changes or on
 //! SIGHUP, and `locate` finds the line of the field that a validation error names.
 //!
-//! Models, encoders, task definitions (other than thresholds), `[server]`, `[audit]` and
-//! `[metrics]` are fixed when the server starts. A changed file applies the rest, and the log
-//! names the sections that need a restart.
+//! `[server]`, `[audit]` and `[metrics]` are fixed when the server starts. A changed file
+//! applies the rest, and the log names the sections that need a restart. Changed models,
+//! encoders and tasks are loaded before the swap, and unchanged ones are kept as they are.
 
 pub mod changes;
 pub mod locate;
@@ -19,9 +19,10 @@ use std::sync::Arc;
 
 use crate::audit::PriceTable;
 use crate::budget::Budgets;
-use crate::classify::TaskConfig;
+use crate::classify::{TaskConfig, TaskSet};
 use crate::client_keys::ClientKeys;
 use crate::config::{Config, ConfigError, EncoderConfig, ModelConfig};
+use crate::routing::config::RouteMode;
 use crate::routing::route::Route;
 use crate::routing::upstreams::Upstreams;
 
@@ -41,7 +42,8 @@ pub struct Policy {
     /// Remote providers; kept from the previous policy while their config is unchanged, so
     /// breaker states and latency averages survive a reload.
     pub upstreams: Arc<Upstreams>,
-    /// The models, tasks and encoders the config resolves to, which only a restart changes.
+    /// The models, tasks and encoders the config resolves to. A reload that changes them loads
+    /// what changed before the policy is swapped in.
     pub models: Vec<ModelConfig>,
     pub tasks: Vec<TaskConfig>,
     pub encoders: Vec<EncoderConfig>,
@@ -113,6 +115,38 @@ impl Policy {
         self.thresholds.get(task).copied().unwrap_or(fallback)
     }
 
+    /// Checks each pre-routing route against the labels of its route task as loaded, because a
+    /// built-in task whose models are missing is left out when the tasks load.
+    pub fn check_route_tasks(&self, tasks: &TaskSet) -> Result<(), String> {
+        for route in self.routes.values() {
+            let labels: Vec<String> = tasks
+                .get(&route.config.route_task)
+                .map(|task| task.labels.iter().map(|l| l.name.clone()).collect())
+                .unwrap_or_default();
+            if route.config.mode == RouteMode::PreRoute && labels.is_empty() {
+                return Err(format!(
+                    "route `{}`: its route task `{}` did not load",
+                    route.name(),
+                    route.config.route_task
+                ));
+            }
+            route.check_route_labels(&labels)?;
+        }
+        Ok(())
+    }
+
+    /// Returns whether the models, encoders or task definitions (other than thresholds) of
+    /// `self` differ from those of `running`, so that a reload must load models or tasks.
+    pub fn changes_what_is_loaded(&self, running: &Policy) -> bool {
+        self.changes_models(running)
+            || !same(&self.encoders, &running.encoders)
+            || !same(&without_thresholds(&self.tasks), &without_thresholds(&running.tasks))
+    }
+
+    pub fn changes_models(&self, running: &Policy) -> bool {
+        !same(&self.models, &running.models)
+    }
+
     /// Returns the sections of `self` that differ from `running` and that only a restart
     /// applies; `self` keeps the running values of those sections.
     pub fn restart_only_changes(&self, running: &Policy) -> Vec<&'static str> {
@@ -120,15 +154,6 @@ impl Policy {
         let mut changed = Vec::new();
         if !same(&new.server, &old.server) {
             changed.push("[server]");
-        }
-        if !same(&self.models, &running.models) || new.models_dir != old.models_dir {
-            changed.push("[[model]]");
-        }
-        if !same(&self.encoders, &running.encoders) {
-            changed.push("[[encoder]]");
-        }
-        if !same(&without_thresholds(&self.tasks), &without_thresholds(&running.tasks)) {
-            changed.push("[[task]] (other than threshold)");
         }
         if !same(&new.audit, &old.audit) {
             changed.push("[audit]");

@@ -2,7 +2,6 @@
 //! in its policy. An invalid file is logged with its line and field, and the policy in force
 //! stays.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +10,10 @@ use sha2::{Digest, Sha256};
 
 use super::changes::{diff, Changed};
 use super::{locate, Policy};
+use crate::classify::setup::load_tasks;
+use crate::classify::TaskSet;
 use crate::config::Config;
+use crate::registry::Registry;
 use crate::server::AppState;
 
 /// The config file the server was started with, and the command-line options that override
@@ -99,10 +101,31 @@ pub fn reload(state: &AppState) -> Result<Reloaded, ReloadError> {
         Policy::build(keep_running_sections(config, &running.config), Some(&running)).map_err(invalid)?
     };
 
+    let loaded = if policy.changes_what_is_loaded(&running) {
+        Some(load_changes(state, &running, &policy).map_err(invalid)?)
+    } else {
+        None
+    };
+
     let generation = policy.generation;
     let changes = diff(&running, &policy);
-    state.audit.prices.store(Arc::new(policy.prices.clone()));
-    state.policy.store(Arc::new(policy));
+    match loaded {
+        Some((registry, tasks)) => {
+            // Until the new policy is in force, requests may still look up a model that it
+            // drops, so the models of both serve for that moment.
+            if let Some(old) = state.registry.load_full() {
+                state.registry.store(Some(Arc::new(registry.with_missing_from(&old))));
+            }
+            state.tasks.store(Some(tasks));
+            state.audit.prices.store(Arc::new(policy.prices.clone()));
+            state.policy.store(Arc::new(policy));
+            state.registry.store(Some(registry));
+        }
+        None => {
+            state.audit.prices.store(Arc::new(policy.prices.clone()));
+            state.policy.store(Arc::new(policy));
+        }
+    }
     Ok(Reloaded {
         generation,
         restart_needed,
@@ -110,29 +133,40 @@ pub fn reload(state: &AppState) -> Result<Reloaded, ReloadError> {
     })
 }
 
-/// Returns `new` with the sections that only a restart applies taken from `running`, keeping
-/// the new task thresholds.
+/// Returns `new` with the sections that only a restart applies taken from `running`.
 fn keep_running_sections(mut new: Config, running: &Config) -> Config {
-    let thresholds: HashMap<String, f64> = new.tasks.iter().map(|t| (t.name.clone(), t.threshold)).collect();
     new.server = running.server.clone();
-    new.models_dir = running.models_dir.clone();
-    new.models = running.models.clone();
-    new.encoders = running.encoders.clone();
-    new.builtin_tasks = running.builtin_tasks;
     new.audit = running.audit.clone();
     new.metrics = running.metrics.clone();
-    new.tasks = running
-        .tasks
-        .iter()
-        .cloned()
-        .map(|mut task| {
-            if let Some(threshold) = thresholds.get(&task.name) {
-                task.threshold = *threshold;
-            }
-            task
-        })
-        .collect();
     new
+}
+
+/// Loads the models that `policy` adds or changes, keeping the unchanged ones of `running`, and
+/// the task set on top of them. Blocking: loading a model reads its whole file. The error names
+/// what failed to load.
+fn load_changes(state: &AppState, running: &Policy, policy: &Policy) -> Result<(Arc<Registry>, Arc<TaskSet>), String> {
+    let (Some(registry), Some(tasks)) = (state.registry.load_full(), state.tasks.load_full()) else {
+        return Err("models or tasks are still loading; save the file again once the server is ready".into());
+    };
+    let server = &running.config.server;
+    let registry = if policy.changes_models(running) {
+        Arc::new(
+            Registry::reload(&registry, &running.models, &policy.models, server.queue_capacity)
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        registry
+    };
+    let tasks = load_tasks(
+        policy.tasks.clone(),
+        &policy.encoders,
+        &registry,
+        server.encoder_queue_capacity,
+        Some(&tasks),
+    )
+    .map_err(|e| e.to_string())?;
+    policy.check_route_tasks(&tasks)?;
+    Ok((registry, Arc::new(tasks)))
 }
 
 /// Actor of the policy changes that an edit of the config file makes.

@@ -13,7 +13,7 @@ use crate::metrics::{Snapshot, CONTENT_TYPE as PROMETHEUS_TEXT};
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let generation_queues = state
         .registry
-        .get()
+        .load_full()
         .map(|registry| {
             registry
                 .iter()

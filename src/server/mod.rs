@@ -26,9 +26,9 @@ mod routed;
 pub mod served;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -70,10 +70,12 @@ pub struct AppState {
     /// Destination of finished requests' records: the metrics, and the audit store unless
     /// `[audit] enabled = false`.
     pub audit: Arc<AuditSink>,
-    /// Set once every model has loaded. Until then the generation routes return 503.
-    pub registry: OnceLock<Registry>,
-    /// Set once the tasks' encoders and heads have loaded, after the models.
-    pub tasks: OnceLock<TaskSet>,
+    /// Set once every model has loaded, and replaced by reloads that change `[[model]]`.
+    /// Until then the generation routes return 503.
+    pub registry: ArcSwapOption<Registry>,
+    /// Set once the tasks' encoders and heads have loaded, after the models, and replaced by
+    /// reloads that change models, encoders or tasks.
+    pub tasks: ArcSwapOption<TaskSet>,
 }
 
 impl AppState {
@@ -89,8 +91,8 @@ impl AppState {
             reload_lock: Mutex::new(()),
             history: history.map(Mutex::new),
             audit,
-            registry: OnceLock::new(),
-            tasks: OnceLock::new(),
+            registry: ArcSwapOption::empty(),
+            tasks: ArcSwapOption::empty(),
         }
     }
 
@@ -129,12 +131,12 @@ impl AppState {
         written
     }
 
-    fn registry(&self) -> Result<&Registry, ApiError> {
-        self.registry.get().ok_or_else(ApiError::loading)
+    fn registry(&self) -> Result<Arc<Registry>, ApiError> {
+        self.registry.load_full().ok_or_else(ApiError::loading)
     }
 
-    fn tasks(&self) -> Result<&TaskSet, ApiError> {
-        self.tasks.get().ok_or_else(ApiError::loading)
+    fn tasks(&self) -> Result<Arc<TaskSet>, ApiError> {
+        self.tasks.load_full().ok_or_else(ApiError::loading)
     }
 }
 

@@ -27,7 +27,7 @@ fn route_card(name: &str, state: &AppState) -> ModelCard {
     ModelCard {
         id: name.to_string(),
         object: "model",
-        created: state.registry.get().and_then(|r| r.iter().map(|m| m.created).max()).unwrap_or(0),
+        created: state.registry.load_full().and_then(|r| r.iter().map(|m| m.created).max()).unwrap_or(0),
         owned_by: "tierd-route",
     }
 }
@@ -64,7 +64,7 @@ pub async fn retrieve_model(
 /// 200 with each model's load time and queue depth, the task names and each provider's
 /// breaker state, once models and tasks have loaded; 503 before.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let (Some(registry), Some(tasks)) = (state.registry.get(), state.tasks.get()) else {
+    let (Some(registry), Some(tasks)) = (state.registry.load_full(), state.tasks.load_full()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "loading"})),

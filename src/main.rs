@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tierd::classify::setup::load_tasks;
+use tierd::commands::bench_model::{BenchModelArgs, OutputFormat as BenchFormat};
 use tierd::commands::{self, calibrate::CalibrateArgs, eval::EvalArgs, train::TrainArgs};
 use tierd::audit::handle::AuditSink;
 use tierd::audit::AuditWriter;
@@ -142,6 +143,11 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Measure speed on this machine.
+    Bench {
+        #[command(subcommand)]
+        action: BenchAction,
+    },
     /// Print cost, savings, escalation and latency totals from the audit trail.
     Report {
         /// SQLite file of the audit trail, or the postgres:// URL of a shared audit database
@@ -175,6 +181,32 @@ enum Command {
         /// Environment variable that holds an admin token of the server's [[admin_token]] tables.
         #[arg(long, global = true, default_value = "TIERD_ADMIN_TOKEN")]
         token_env: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchAction {
+    /// Prefill and decode speed of each model, like llama-bench: mean ± standard deviation
+    /// over the repetitions, with load time, memory, the CPU and its SIMD features.
+    Model {
+        /// A configured model id or a GGUF file; repeat for several [default: every configured model].
+        #[arg(long = "model")]
+        models: Vec<String>,
+        /// Comma-separated prompt lengths timed for prefill.
+        #[arg(long, value_delimiter = ',', default_value = "512")]
+        prompt_tokens: Vec<usize>,
+        /// Tokens decoded one at a time from an empty context.
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
+        /// Threads of the matmuls [default: the number of logical CPUs].
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+        #[arg(long, value_enum, default_value = "table")]
+        format: BenchFormat,
+        #[command(flatten)]
+        common: CommonArgs,
     },
 }
 
@@ -355,6 +387,29 @@ fn main() -> anyhow::Result<()> {
                 apply: apply.then_some(AdminTarget { url, token_env }),
             };
             commands::calibrate::run(&config, &args)
+        }
+        Command::Bench {
+            action:
+                BenchAction::Model {
+                    models,
+                    prompt_tokens,
+                    decode_tokens,
+                    threads,
+                    repetitions,
+                    format,
+                    common,
+                },
+        } => {
+            let config = common.load()?;
+            let args = BenchModelArgs {
+                models,
+                prompt_tokens,
+                decode_tokens,
+                threads: threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                repetitions,
+                format,
+            };
+            commands::bench_model::run(&config, &args)
         }
         Command::Key { action } => run_key(action),
         Command::Policy {

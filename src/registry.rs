@@ -53,19 +53,27 @@ pub fn local_path(config: &ModelConfig) -> Result<Option<PathBuf>, LoadError> {
     }
 }
 
+/// Returns the model's GGUF file: its local `path`, or the file fetched from the hub (or found
+/// in the hub cache) for a hub model. Blocking.
+pub fn model_file(config: &ModelConfig) -> Result<PathBuf, LoadError> {
+    match local_path(config)? {
+        Some(path) => Ok(path),
+        None => {
+            let repo = config.hf_repo.as_deref().unwrap_or_default();
+            let file = config.hf_file.as_deref().unwrap_or_default();
+            crate::hub::resolve(repo, config.hf_revision.as_deref(), file).map_err(|source| LoadError::Hub {
+                id: config.id.clone(),
+                source,
+            })
+        }
+    }
+}
+
 impl ServedModel {
     /// Loads the model's weights and tokenizer and starts its worker. Blocking.
     pub fn load(config: &ModelConfig, queue_capacity: usize) -> Result<Self, LoadError> {
         let id = config.id.clone();
-        let path = match local_path(config)? {
-            Some(path) => path,
-            None => {
-                let repo = config.hf_repo.as_deref().unwrap_or_default();
-                let file = config.hf_file.as_deref().unwrap_or_default();
-                crate::hub::resolve(repo, config.hf_revision.as_deref(), file)
-                    .map_err(|source| LoadError::Hub { id: id.clone(), source })?
-            }
-        };
+        let path = model_file(config)?;
 
         let model = LoadedModel::load(&path).map_err(|source| LoadError::Model {
             id: id.clone(),

@@ -1,11 +1,13 @@
 //! Offline commands that run without the HTTP server: `tierd train`, `tierd eval`,
-//! `tierd calibrate`, `tierd report`, `tierd key` and `tierd policy`.
+//! `tierd calibrate`, `tierd report`, `tierd key`, `tierd policy` and `tierd bench`.
 
+pub mod bench_model;
 pub mod calibrate;
 pub mod escalation_eval;
 pub mod eval;
 pub mod key;
 pub mod labelled_run;
+pub mod machine;
 pub mod policy;
 pub mod report;
 pub mod train;

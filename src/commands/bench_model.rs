@@ -1,0 +1,304 @@
+//! `tierd bench model`: engine speed on this machine, in the manner of llama.cpp's
+//! `llama-bench`. For each model it times prefill of prompts of given lengths and decode of a
+//! given number of tokens, over several repetitions. The report gives the mean and standard
+//! deviation in tokens per second, the load time, resident memory, the machine and the memory
+//! bandwidth limit.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use super::machine::{read_bandwidth, resident_memory, Machine};
+use crate::config::Config;
+use crate::model::LoadedModel;
+use crate::registry::model_file;
+
+pub struct BenchModelArgs {
+    /// Configured model ids or paths of GGUF files; empty means every configured model.
+    pub models: Vec<String>,
+    pub prompt_tokens: Vec<usize>,
+    pub decode_tokens: usize,
+    pub threads: usize,
+    pub repetitions: usize,
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub machine: Machine,
+    pub threads: usize,
+    pub repetitions: usize,
+    /// Memory read bandwidth with `threads` threads, in bytes per second.
+    pub read_bandwidth: f64,
+    pub tierd_version: &'static str,
+    pub models: Vec<ModelBench>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelBench {
+    pub model: String,
+    pub file: String,
+    pub file_bytes: u64,
+    pub load_seconds: f64,
+    /// Resident memory of the process after the model loaded, in bytes.
+    pub resident_bytes: Option<u64>,
+    /// Peak resident memory of the process so far, in bytes. Models run one after another, so
+    /// this is the largest model's peak once a larger one has run.
+    pub peak_resident_bytes: Option<u64>,
+    pub tests: Vec<TestResult>,
+    /// Estimated fastest decode: `read_bandwidth` over the file size, because each decoded
+    /// token reads every weight matrix once. It holds for models whose output layer shares the
+    /// token embedding (all three default models); others read less per token.
+    pub decode_bandwidth_limit: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TestResult {
+    /// `pp512` for a 512-token prefill, `tg128` for 128 decoded tokens, as llama-bench names them.
+    pub test: String,
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+    pub standard_deviation: f64,
+    /// Tokens per second of each repetition.
+    pub runs: Vec<f64>,
+}
+
+pub fn run(config: &Config, args: &BenchModelArgs) -> anyhow::Result<()> {
+    if args.threads == 0 || args.repetitions == 0 || args.decode_tokens == 0 {
+        bail!("--threads, --repetitions and --decode-tokens must be at least 1");
+    }
+    if let Some(zero) = args.prompt_tokens.iter().find(|&&p| p == 0) {
+        bail!("--prompt-tokens {zero}: a prompt needs at least one token");
+    }
+    let files = model_files(config, &args.models)?;
+    // candle's matmuls size their thread pools from RAYON_NUM_THREADS, and tierd's kernels run
+    // on rayon's global pool, so both are set before any work starts.
+    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build_global()
+        .context("failed to start the thread pool")?;
+
+    let mut models = Vec::with_capacity(files.len());
+    for (id, path) in files {
+        eprintln!("{id}: loading {}", path.display());
+        models.push(bench_one(&id, &path, args)?);
+    }
+    // Measured after the models, so that its buffer does not count in their peak memory.
+    let read_bandwidth = read_bandwidth(3);
+    for model in &mut models {
+        model.decode_bandwidth_limit = read_bandwidth / model.file_bytes.max(1) as f64;
+    }
+    let report = BenchReport {
+        machine: Machine::describe(),
+        threads: args.threads,
+        repetitions: args.repetitions,
+        read_bandwidth,
+        tierd_version: env!("CARGO_PKG_VERSION"),
+        models,
+    };
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Csv => print_csv(&report),
+        OutputFormat::Table => print_table(&report),
+    }
+    Ok(())
+}
+
+/// Resolves `--model` values: a configured model id, or a path to a GGUF file.
+fn model_files(config: &Config, requested: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let configured = config.resolved_models()?;
+    if requested.is_empty() {
+        return configured
+            .iter()
+            .map(|model| Ok((model.id.clone(), model_file(model)?)))
+            .collect();
+    }
+    requested
+        .iter()
+        .map(|name| {
+            if let Some(model) = configured.iter().find(|m| &m.id == name) {
+                return Ok((model.id.clone(), model_file(model)?));
+            }
+            let path = PathBuf::from(name);
+            if path.is_file() {
+                let id = path.file_stem().map_or(name.clone(), |stem| stem.to_string_lossy().into_owned());
+                return Ok((id, path));
+            }
+            let ids: Vec<&str> = configured.iter().map(|m| m.id.as_str()).collect();
+            bail!(
+                "--model {name}: neither a configured model ({}) nor a GGUF file",
+                ids.join(", ")
+            )
+        })
+        .collect()
+}
+
+fn bench_one(id: &str, path: &std::path::Path, args: &BenchModelArgs) -> anyhow::Result<ModelBench> {
+    let model = LoadedModel::load(path).with_context(|| format!("failed to load {}", path.display()))?;
+    let memory_after_load = resident_memory();
+    let context = model.network.hparams().context_length;
+    let longest = args.prompt_tokens.iter().copied().max().unwrap_or(0).max(args.decode_tokens);
+    if longest > context {
+        bail!("{id}: {longest} tokens exceed the model's context of {context}");
+    }
+    let tokens = prompt_tokens(&model, longest)?;
+
+    // One untimed pass of each kind fills caches and faults the weights in, as llama-bench's
+    // warm-up run does.
+    let mut cache = model.network.new_cache(16);
+    model.network.forward(&tokens[..8.min(tokens.len())], &mut cache)?;
+
+    let mut tests = Vec::new();
+    for &prompt in &args.prompt_tokens {
+        let mut runs = Vec::with_capacity(args.repetitions);
+        for _ in 0..args.repetitions {
+            let mut cache = model.network.new_cache(prompt);
+            let started = Instant::now();
+            model.network.forward(&tokens[..prompt], &mut cache)?;
+            runs.push(prompt as f64 / started.elapsed().as_secs_f64());
+        }
+        tests.push(TestResult::new(format!("pp{prompt}"), prompt, runs));
+        eprintln!("{id}: pp{prompt} done");
+    }
+    let mut runs = Vec::with_capacity(args.repetitions);
+    for _ in 0..args.repetitions {
+        let mut cache = model.network.new_cache(args.decode_tokens);
+        let started = Instant::now();
+        for &token in &tokens[..args.decode_tokens] {
+            model.network.forward(&[token], &mut cache)?;
+        }
+        runs.push(args.decode_tokens as f64 / started.elapsed().as_secs_f64());
+    }
+    tests.push(TestResult::new(format!("tg{}", args.decode_tokens), args.decode_tokens, runs));
+    eprintln!("{id}: tg{} done", args.decode_tokens);
+
+    Ok(ModelBench {
+        model: id.to_string(),
+        file: path.display().to_string(),
+        file_bytes: model.file_size,
+        load_seconds: model.load_time.as_secs_f64(),
+        resident_bytes: memory_after_load.map(|(now, _)| now),
+        peak_resident_bytes: resident_memory().map(|(_, peak)| peak),
+        tests,
+        decode_bandwidth_limit: 0.0,
+    })
+}
+
+/// Returns `count` tokens of real English text, repeated when the text is shorter.
+fn prompt_tokens(model: &LoadedModel, count: usize) -> anyhow::Result<Vec<u32>> {
+    const TEXT: &str = include_str!("../../tests/golden/prompts/long.txt");
+    let encoding = model
+        .tokenizer
+        .encode_fast(TEXT, false)
+        .map_err(|e| anyhow::anyhow!("failed to tokenize the benchmark prompt: {e}"))?;
+    let ids = encoding.get_ids();
+    if ids.is_empty() {
+        bail!("the benchmark prompt tokenized to nothing");
+    }
+    Ok(ids.iter().copied().cycle().take(count).collect())
+}
+
+impl TestResult {
+    fn new(test: String, tokens: usize, runs: Vec<f64>) -> Self {
+        let mean = runs.iter().sum::<f64>() / runs.len() as f64;
+        let variance = if runs.len() > 1 {
+            runs.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (runs.len() - 1) as f64
+        } else {
+            0.0
+        };
+        Self {
+            test,
+            tokens,
+            tokens_per_second: mean,
+            standard_deviation: variance.sqrt(),
+            runs,
+        }
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn print_table(report: &BenchReport) {
+    let machine = &report.machine;
+    println!("cpu: {} ({} logical CPUs)", machine.cpu, machine.logical_cpus);
+    println!("simd compiled in: {}", machine.compiled_simd.join(" "));
+    println!("simd on this cpu: {}", machine.cpu_simd.join(" "));
+    println!(
+        "threads {}, repetitions {}, memory read bandwidth {:.1} GB/s, tierd {}",
+        report.threads,
+        report.repetitions,
+        report.read_bandwidth / 1e9,
+        report.tierd_version
+    );
+    println!();
+    println!(
+        "{:<32} {:>9} {:>8} {:>9} {:>8} {:>18} {:>11}",
+        "model", "size MiB", "load s", "peak MiB", "test", "tokens/s", "of limit"
+    );
+    for model in &report.models {
+        for test in &model.tests {
+            let share = if test.test.starts_with("tg") {
+                format!("{:.0} %", 100.0 * test.tokens_per_second / model.decode_bandwidth_limit)
+            } else {
+                String::new()
+            };
+            println!(
+                "{:<32} {:>9.0} {:>8.2} {:>9} {:>8} {:>18} {:>11}",
+                model.model,
+                model.file_bytes as f64 / MIB,
+                model.load_seconds,
+                model.peak_resident_bytes.map_or("-".into(), |b| format!("{:.0}", b as f64 / MIB)),
+                test.test,
+                format!("{:.2} ± {:.2}", test.tokens_per_second, test.standard_deviation),
+                share
+            );
+        }
+    }
+    println!();
+    println!("of limit: decode speed as a share of read bandwidth / file size, the most decode can reach");
+}
+
+fn print_csv(report: &BenchReport) {
+    println!("model,file_bytes,load_seconds,peak_resident_bytes,threads,test,tokens,tokens_per_second,standard_deviation,decode_bandwidth_limit,cpu");
+    for model in &report.models {
+        for test in &model.tests {
+            println!(
+                "{},{},{:.3},{},{},{},{},{:.3},{:.3},{:.3},\"{}\"",
+                model.model,
+                model.file_bytes,
+                model.load_seconds,
+                model.peak_resident_bytes.map_or(String::new(), |b| b.to_string()),
+                report.threads,
+                test.test,
+                test.tokens,
+                test.tokens_per_second,
+                test.standard_deviation,
+                model.decode_bandwidth_limit,
+                report.machine.cpu.replace('"', "\"\"")
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_result_reports_mean_and_sample_deviation() {
+        let result = TestResult::new("tg4".into(), 4, vec![10.0, 12.0, 14.0]);
+        assert_eq!(result.tokens_per_second, 12.0);
+        assert_eq!(result.standard_deviation, 2.0);
+        assert_eq!(TestResult::new("tg4".into(), 4, vec![10.0]).standard_deviation, 0.0);
+    }
+}

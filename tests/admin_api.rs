@@ -93,8 +93,14 @@ async fn changes_apply_and_are_kept_with_their_history() {
     assert_eq!((change["old_value"].as_f64(), change["new_value"].as_f64()), (Some(0.5), Some(0.77)));
     assert_eq!(task_threshold(&server).await, 0.77, "the next request did not see the new threshold");
     let file = std::fs::read_to_string(&server.config_path).expect("read the config");
-    assert!(file.contains("threshold = 0.77"), "{file}");
+    assert!(file.contains("threshold = 0.77 # raised when the new intents ship"), "the edited line lost its comment:\n{file}");
     assert!(file.contains("# Thresholds are owned by the support team."), "the edit lost a comment:\n{file}");
+
+    // The file watcher sees the edit, but the API applied it already: no second reload.
+    let generation = reply.json()["generation"].as_u64();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let policy = admin(&server, "GET", "/admin/policy", Some(TOKEN), None).await.json();
+    assert_eq!(policy["generation"].as_u64(), generation, "the watcher reloaded the API's edit again");
 
     let patch = json!({"confidence": "min", "threshold": 0.4});
     let reply = admin(&server, "PATCH", "/admin/routes/auto", Some(TOKEN), Some(patch)).await;
@@ -188,4 +194,35 @@ async fn admin_api_is_off_without_tokens() {
     let reply = admin(&server, "GET", "/admin/policy", Some(TOKEN), None).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text);
     assert_eq!(reply.json()["error"]["code"], "admin_api_disabled");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn edit_follows_a_symlink_and_keeps_the_mode() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let mock = MockProvider::start().await;
+    let server = Server::start("admin-symlink", &config(&mock.base_url, true));
+    // Swap the config for a link to a private file of the same content, as a deployment that
+    // keeps its config elsewhere would.
+    let real = server.config_path.with_file_name("real.toml");
+    std::fs::copy(&server.config_path, &real).expect("copy the config");
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::remove_file(&server.config_path).expect("remove the config");
+    std::os::unix::fs::symlink(&real, &server.config_path).expect("link the config");
+
+    let reply = admin(&server, "PUT", "/admin/tasks/greeting/threshold", Some(TOKEN), Some(json!({"threshold": 0.66}))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let link = std::fs::symlink_metadata(&server.config_path).expect("stat the link");
+    assert!(link.file_type().is_symlink(), "the link was replaced by a file");
+    let text = std::fs::read_to_string(&real).expect("read the real file");
+    assert!(text.contains("threshold = 0.66"), "{text}");
+    let mode = std::fs::metadata(&real).expect("stat the real file").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the edit changed the file's mode");
+
+    // A config file that disappeared is a conflict that names the file, not a server error.
+    std::fs::remove_file(&real).expect("remove the real file");
+    let reply = admin(&server, "PUT", "/admin/tasks/greeting/threshold", Some(TOKEN), Some(json!({"threshold": 0.7}))).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text);
+    assert!(reply.text.contains("config.toml"), "{}", reply.text);
 }

@@ -184,13 +184,44 @@ fn bad_arguments_name_the_value() {
     std::fs::create_dir_all(&dir).expect("create the test folder");
     let config_path = dir.join("config.toml");
     std::fs::write(&config_path, config(&dir.join("head.safetensors"))).expect("write the config");
+    let missing_folder = dir.join("no-such-folder/chart.png");
     for (args, expected) in [
-        (["--target-accuracy", "1", "--holdout", "0"], "--target-accuracy 1 must lie between 0 and 1"),
-        (["--target-accuracy", "0.9", "--holdout", "1.5"], "--holdout 1.5 must be a share from 0 to below 1"),
+        (vec!["--target-accuracy", "1"], "--target-accuracy 1 must lie between 0 and 1"),
+        (vec!["--target-accuracy", "0.9", "--holdout", "1.5"], "--holdout 1.5 must be a share from 0 to below 1"),
+        (vec!["--target-accuracy", "0.9", "--limit", "0"], "--limit 0 leaves no examples"),
+        (vec!["--target-accuracy", "0.9", "--apply", "--backend", "0"], "cannot be chosen from --backend 0 alone"),
+        (
+            vec!["--target-accuracy", "0.9", "--chart", missing_folder.to_str().expect("UTF-8 path")],
+            "does not exist",
+        ),
     ] {
         let output = calibrate(&config_path, &args);
         assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{stderr}");
     }
+}
+
+#[test]
+fn failed_apply_keeps_the_report() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("calibrate-apply-failure");
+    std::fs::create_dir_all(&dir).expect("create the test folder");
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, config(&dir.join("head.safetensors"))).expect("write the config");
+    let chart = dir.join("chart.png");
+
+    // Nothing listens on port 1 of the loopback address.
+    let output = calibrate(
+        &config_path,
+        &[
+            "--target-accuracy", "0.6", "--limit", "100", "--json", "--apply", "--url", "http://127.0.0.1:1",
+            "--chart", chart.to_str().expect("UTF-8 path"),
+        ],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("failed to apply threshold"), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("the report is printed despite the failure");
+    assert!(report["threshold"].as_f64().is_some(), "{report}");
+    assert_eq!(report["applied"], false);
 }

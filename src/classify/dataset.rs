@@ -57,6 +57,13 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>, DatasetError> {
             line: index + 1,
             message: e.to_string(),
         })?;
+        if example.text.trim().is_empty() {
+            return Err(DatasetError::Line {
+                path: path.to_path_buf(),
+                line: index + 1,
+                message: "`text` is empty".into(),
+            });
+        }
         example.origin = Some(format!("{}:{}", path.display(), index + 1));
         examples.push(example);
     }
@@ -98,5 +105,15 @@ mod tests {
         let examples = read_jsonl(&path).unwrap();
         assert_eq!(examples.len(), 2);
         assert_eq!(examples[1].label, "y");
+    }
+
+    #[test]
+    fn empty_text_is_reported_with_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(&path, "{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"  \",\"label\":\"y\"}\n").unwrap();
+        let error = read_jsonl(&path).unwrap_err().to_string();
+        assert!(error.contains("d.jsonl:2"), "{error}");
+        assert!(error.contains("`text` is empty"), "{error}");
     }
 }

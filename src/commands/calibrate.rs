@@ -86,6 +86,22 @@ pub fn run(config: &Config, args: &CalibrateArgs) -> anyhow::Result<()> {
     if !(0.0..1.0).contains(&args.holdout) {
         bail!("--holdout {} must be a share from 0 to below 1", args.holdout);
     }
+    if args.limit == Some(0) {
+        bail!("--limit 0 leaves no examples; give at least 1");
+    }
+    if args.apply.is_some() && args.backend.is_some() {
+        bail!(
+            "--apply sets the threshold that the whole chain's answers are compared with, so it cannot be \
+             chosen from --backend {} alone; drop one of the two",
+            args.backend.unwrap_or_default()
+        );
+    }
+    if let Some(folder) = args.chart.parent().filter(|f| !f.as_os_str().is_empty() && !f.is_dir()) {
+        bail!("--chart {}: the folder {} does not exist", args.chart.display(), folder.display());
+    }
+    if let Some(target) = &args.apply {
+        policy::admin_token(target)?;
+    }
     let task_config = super::task_config(config, &args.task)?;
     let configured = task_config.threshold;
     super::check_backend_index(&task_config, args.backend)?;
@@ -183,22 +199,28 @@ pub fn run(config: &Config, args: &CalibrateArgs) -> anyhow::Result<()> {
         curve: points,
     };
 
+    // A failed apply still prints the report, so the run's result is not lost.
+    let mut apply_error = None;
     if let (Some(target), Some(threshold)) = (&args.apply, threshold) {
-        policy::send(
-            target,
-            PolicyCommand::Set(PolicyEdit::TaskThreshold {
-                task: task.name.clone(),
-                threshold,
-            }),
-        )
-        .with_context(|| format!("failed to apply threshold {threshold} through {}", target.url))?;
-        report.applied = true;
+        let edit = PolicyEdit::TaskThreshold {
+            task: task.name.clone(),
+            threshold,
+        };
+        match policy::send(target, PolicyCommand::Set(edit)) {
+            Ok(_) => report.applied = true,
+            Err(error) => {
+                apply_error = Some(error.context(format!("failed to apply threshold {threshold} through {}", target.url)))
+            }
+        }
     }
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report, args.apply.as_ref());
+    }
+    if let Some(error) = apply_error {
+        return Err(error);
     }
     if report.threshold.is_none() {
         bail!(
@@ -270,7 +292,7 @@ fn print_table(report: &CalibrationReport) {
             row.interval
                 .map_or("-".to_string(), |(low, high)| format!("{low:.3} to {high:.3}"))
         );
-        if let Some(held) = report.held_out_table.get(index) {
+        if let Some(held) = report.held_out_table.get(index).filter(|_| with_held_out) {
             print!("  {:>17.3}  {:>17}", held.coverage, format_accuracy(held.accuracy));
         }
         let mut marks = Vec::new();
@@ -300,7 +322,7 @@ fn print_verdict(report: &CalibrationReport) {
             point.upper
         ),
         (None, Some(best)) => println!(
-            "no threshold reaches the target: the highest lower bound is {:.4}, at threshold {} ({} answers kept, accuracy {:.4}); \
+            "no threshold reaches the target: the highest lower bound is {:.4}, at threshold {:.4} ({} kept, accuracy {:.4}); \
              more data narrows the interval, a better model raises the accuracy",
             best.lower, best.threshold, best.kept, best.accuracy
         ),

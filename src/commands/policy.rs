@@ -33,10 +33,7 @@ pub fn run(target: &AdminTarget, command: PolicyCommand) -> anyhow::Result<()> {
 /// Sends `command` to the admin API and returns its JSON response, or an error with the status
 /// and body of a response that is not a success.
 pub fn send(target: &AdminTarget, command: PolicyCommand) -> anyhow::Result<Value> {
-    let token = std::env::var(&target.token_env)
-        .ok()
-        .filter(|token| !token.is_empty())
-        .with_context(|| format!("set the admin token in the environment variable {}", target.token_env))?;
+    let token = admin_token(target)?;
     let base = target.url.trim_end_matches('/');
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -77,6 +74,14 @@ pub fn send(target: &AdminTarget, command: PolicyCommand) -> anyhow::Result<Valu
         bail!("the server responded {status}: {pretty}");
     }
     parsed.with_context(|| format!("the server responded {status} with a body that is not JSON: {body}"))
+}
+
+/// Returns the admin token from the environment variable `target.token_env`.
+pub fn admin_token(target: &AdminTarget) -> anyhow::Result<String> {
+    std::env::var(&target.token_env)
+        .ok()
+        .filter(|token| !token.is_empty())
+        .with_context(|| format!("set the admin token in the environment variable {}", target.token_env))
 }
 
 /// Percent-encodes a task or route name for a URL path segment.

@@ -109,6 +109,7 @@ pub fn reload(state: &AppState) -> Result<Reloaded, ReloadError> {
 
     let generation = policy.generation;
     let changes = diff(&running, &policy);
+    *state.applied_config.lock().unwrap_or_else(|p| p.into_inner()) = Some(Sha256::digest(text.as_bytes()).into());
     match loaded {
         Some((registry, tasks)) => {
             // Until the new policy is in force, requests may still look up a model that it
@@ -245,6 +246,11 @@ pub async fn watch(state: Arc<AppState>, interval: Option<Duration>) {
                 let now = digest(&source.path);
                 if now != last {
                     last = now;
+                    let applied = *state.applied_config.lock().unwrap_or_else(|p| p.into_inner());
+                    if now.is_some() && now == applied {
+                        // The admin API wrote and applied this content already.
+                        continue;
+                    }
                     reload_and_log(&state, "file changed").await;
                 }
             }

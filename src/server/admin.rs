@@ -114,7 +114,7 @@ pub async fn set_task_threshold(
                 "task_not_found",
             )
         })?;
-        entry["threshold"] = toml_edit::value(threshold);
+        set_keeping_comment(entry, "threshold", threshold.into());
         Ok(())
     };
     apply(&state, &admin.0, edit).await
@@ -171,7 +171,7 @@ pub async fn change_route(
             )
         })?;
         for (field, value) in fields {
-            entry[field] = Item::Value(value);
+            set_keeping_comment(entry, field, value);
         }
         Ok(())
     };
@@ -227,6 +227,15 @@ fn check_unit_interval(value: f64, param: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Sets `field` of `entry` to `value`, keeping the whitespace and comment around the old value,
+/// so that `threshold = 0.9  # set by the support team` keeps its comment.
+fn set_keeping_comment(entry: &mut toml_edit::Table, field: &str, mut value: toml_edit::Value) {
+    if let Some(old) = entry.get(field).and_then(Item::as_value) {
+        *value.decor_mut() = old.decor().clone();
+    }
+    entry[field] = Item::Value(value);
+}
+
 /// Returns the `[[table]]` entry whose `name` is `name`.
 fn find_entry<'a>(document: &'a mut DocumentMut, table: &str, name: &str) -> Option<&'a mut toml_edit::Table> {
     document
@@ -248,7 +257,12 @@ async fn apply(
     let reloaded = tokio::task::spawn_blocking(move || -> Result<Reloaded, ApiError> {
         let source = applying.config_source.as_ref().ok_or_else(no_config_file)?;
         let _one_at_a_time = applying.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let original = std::fs::read_to_string(&source.path).map_err(ApiError::internal)?;
+        let original = std::fs::read_to_string(&source.path).map_err(|e| {
+            conflict(
+                format!("The config file {} cannot be read: {e}", source.path.display()),
+                "config_not_readable",
+            )
+        })?;
         let mut document: DocumentMut = original.parse().map_err(|e| {
             conflict(format!("The config file does not parse, so it cannot be edited: {e}"), "invalid_config_file")
         })?;
@@ -285,12 +299,39 @@ async fn apply(
 }
 
 /// Replaces the file's content through a temporary file and a rename, so that the file watcher
-/// never reads half of it.
+/// never reads half of it. A symbolic link is followed, so the file it points to changes and the
+/// link stays, and the new file gets the old one's permissions and owner.
 fn write_file(path: &Path, text: &str) -> Result<(), ApiError> {
-    let temporary = path.with_extension("toml.tierd-edit");
-    std::fs::write(&temporary, text)
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|e| conflict(format!("The config file {} cannot be written: {e}", path.display()), "config_not_writable"))
+    let failed = |e: std::io::Error| {
+        conflict(format!("The config file {} cannot be written: {e}", path.display()), "config_not_writable")
+    };
+    let target = std::fs::canonicalize(path).map_err(failed)?;
+    let metadata = std::fs::metadata(&target).map_err(failed)?;
+    let temporary = target.with_extension("toml.tierd-edit");
+    std::fs::write(&temporary, text).map_err(failed)?;
+    let finished = std::fs::set_permissions(&temporary, metadata.permissions())
+        .and_then(|()| keep_owner(&temporary, &metadata))
+        .and_then(|()| std::fs::rename(&temporary, &target));
+    if let Err(error) = finished {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(failed(error));
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn keep_owner(path: &Path, original: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let current = std::fs::metadata(path)?;
+    if (current.uid(), current.gid()) == (original.uid(), original.gid()) {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, Some(original.uid()), Some(original.gid()))
+}
+
+#[cfg(not(unix))]
+fn keep_owner(_path: &Path, _original: &std::fs::Metadata) -> std::io::Result<()> {
+    Ok(())
 }
 
 fn no_config_file() -> ApiError {

@@ -64,6 +64,9 @@ pub struct AppState {
     /// Serialises reloads, which may come from the file watcher, SIGHUP and the admin API at
     /// once.
     pub reload_lock: Mutex<()>,
+    /// SHA-256 of the config file content that the last reload applied, so that the file
+    /// watcher skips the edits that the admin API has already applied.
+    pub applied_config: Mutex<Option<[u8; 32]>>,
     /// The audit store's connection for the history of policy changes; `None` when the audit
     /// trail is disabled.
     pub history: Option<Mutex<Box<dyn AuditStore>>>,
@@ -89,6 +92,7 @@ impl AppState {
             policy: ArcSwap::from_pointee(policy),
             config_source,
             reload_lock: Mutex::new(()),
+            applied_config: Mutex::new(None),
             history: history.map(Mutex::new),
             audit,
             registry: ArcSwapOption::empty(),

@@ -433,7 +433,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<()> {
+async fn serve(mut policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<()> {
     let (models, tasks, encoders) = (policy.models.clone(), policy.tasks.clone(), policy.encoders.clone());
     let config = &policy.config;
     // Fail before binding when a local file is missing, rather than after a partial load.
@@ -478,6 +478,17 @@ async fn serve(policy: Policy, source: Option<ConfigSource>) -> anyhow::Result<(
     }
     let poll = Duration::from_millis(config.server.config_poll_ms);
     let history = open_history(config).await?;
+    // Generations continue from the history, so that its entries never share a number.
+    if let Some(store) = &history {
+        match store.policy_changes(1) {
+            Ok(latest) => {
+                if let Some(change) = latest.first() {
+                    policy.generation = change.generation + 1;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "failed to read the latest policy generation; counting from 1"),
+        }
+    }
     let state = Arc::new(AppState::new(policy, source, audit.clone(), history));
     if state.config_source.is_some() {
         let interval = (!poll.is_zero()).then_some(poll);

@@ -152,6 +152,9 @@ async fn changes_apply_and_are_kept_with_their_history() {
     assert_eq!(task_threshold(&restarted).await, 0.7);
     let history = admin(&restarted, "GET", "/admin/history", Some(TOKEN), None).await.json();
     assert_eq!(history["data"].as_array().map_or(0, Vec::len), entries.len(), "{history}");
+    let latest = history["data"][0]["generation"].as_u64().unwrap_or(0);
+    let policy = admin(&restarted, "GET", "/admin/policy", Some(TOKEN), None).await.json();
+    assert!(policy["generation"].as_u64() > Some(latest), "generations restarted below the history's: {policy}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -131,6 +131,8 @@ impl Server {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("api-tests").join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let config_path = dir.join("config.toml");
+        // An earlier run may have left a symbolic link here, which a write would follow.
+        let _ = std::fs::remove_file(&config_path);
         std::fs::write(&config_path, config)
             .map_err(|e| format!("write {}: {e}", config_path.display()))?;
 

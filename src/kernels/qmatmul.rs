@@ -90,6 +90,32 @@ impl QWeight {
         )
     }
 
+    /// Computes `x · Wᵀ` for each of `weights`, which share their input width, in one parallel
+    /// dispatch. The values equal those of [`QWeight::forward`] for each weight. Decode runs
+    /// the attention projections and the feed-forward gate and up together this way, because
+    /// waking the threads for each small product costs as much as the product itself.
+    pub fn forward_many(weights: &[&QWeight], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (m, k) = x.dims2()?;
+        if let Some(weight) = weights.iter().find(|w| w.cols != k) {
+            candle_core::bail!("matmul input has {k} columns, the weight expects {}", weight.cols);
+        }
+        let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let kernels: Option<Vec<RowKernel>> = weights
+            .iter()
+            .map(|w| with_blocks!(w, blocks => Some(row_kernel(blocks, w.cols, &input, m)), _dense => None))
+            .collect();
+        // Dense weights go through candle's matmul, one at a time.
+        let Some(kernels) = kernels else {
+            return weights.iter().map(|w| w.forward(x)).collect();
+        };
+        let rows: Vec<usize> = weights.iter().map(|w| w.rows).collect();
+        run_kernels(&kernels, &rows, m)
+            .into_iter()
+            .zip(&rows)
+            .map(|(output, &rows)| Tensor::from_vec(output, (m, rows), &Device::Cpu))
+            .collect()
+    }
+
     /// Computes `x · Wᵀ` restricted to the weight rows `ids`: returns `(m, ids.len())`, where
     /// column `j` equals column `ids[j]` of [`QWeight::forward`]. Label scoring uses it to get
     /// the logits of a few vocabulary entries without the full output projection.
@@ -172,9 +198,13 @@ impl WeightBlock for BlockQ4_1 {
     }
 }
 
-/// Multiplies `m` activation rows by the quantized weight rows, in parallel over weight rows.
-/// Activations are quantized once, as llama.cpp does, to the weight type's dot-product type.
-fn matmul<T>(weights: &[T], rows: usize, cols: usize, input: &[f32], m: usize) -> Vec<f32>
+/// Computes one weight's outputs for a run of weight rows: called with the first weight row and
+/// the output slice of those rows, laid out weight-row-major (`m` values per weight row).
+type RowKernel<'a> = Box<dyn Fn(usize, &mut [f32]) + Sync + 'a>;
+
+/// Returns the row kernel of `weights` against `m` activation rows of `input`, which it
+/// quantizes once, as llama.cpp does, to the weight type's dot-product type.
+fn row_kernel<'a, T>(weights: &'a [T], cols: usize, input: &[f32], m: usize) -> RowKernel<'a>
 where
     T: WeightBlock,
     T::VecDotType: ActivationBlock,
@@ -182,35 +212,59 @@ where
     let blocks_per_row = cols / T::BLCK_SIZE;
     let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
     let quantized = quantize_activations::<T>(input, cols, m);
+    Box::new(move |first_row, out| {
+        for (offset, outputs) in out.chunks_exact_mut(m).enumerate() {
+            let start = (first_row + offset) * blocks_per_row;
+            let weight_row = &weights[start..start + blocks_per_row];
+            for (i, value) in outputs.iter_mut().enumerate() {
+                let activations = &quantized[i * activation_blocks..(i + 1) * activation_blocks];
+                *value = T::dot(cols, weight_row, activations);
+            }
+        }
+    })
+}
 
+/// Runs each kernel over its weight's rows, all in one parallel dispatch so that the threads
+/// wake once for the lot, and returns each weight's `(m, rows)` output, row-major.
+fn run_kernels(kernels: &[RowKernel], rows: &[usize], m: usize) -> Vec<Vec<f32>> {
     // Output laid out weight-row-major so each task writes one contiguous slice; transposed
     // at the end when there is more than one activation row.
-    let mut transposed = vec![0f32; rows * m];
-    transposed
-        .par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let first_row = task * ROWS_PER_TASK;
-            for (offset, outputs) in out.chunks_exact_mut(m).enumerate() {
-                let start = (first_row + offset) * blocks_per_row;
-                let weight_row = &weights[start..start + blocks_per_row];
-                for (i, value) in outputs.iter_mut().enumerate() {
-                    let activations = &quantized[i * activation_blocks..(i + 1) * activation_blocks];
-                    *value = T::dot(cols, weight_row, activations);
-                }
-            }
-        });
-
-    if m == 1 {
-        return transposed;
-    }
-    let mut output = vec![0f32; m * rows];
-    for (row, values) in transposed.chunks_exact(m).enumerate() {
-        for (i, value) in values.iter().enumerate() {
-            output[i * rows + row] = *value;
+    let mut buffers: Vec<Vec<f32>> = rows.iter().map(|&rows| vec![0f32; rows * m]).collect();
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (weight, buffer) in buffers.iter_mut().enumerate() {
+        for (task, out) in buffer.chunks_mut(ROWS_PER_TASK * m).enumerate() {
+            tasks.push((weight, task * ROWS_PER_TASK, out));
         }
     }
-    output
+    tasks
+        .into_par_iter()
+        .for_each(|(weight, first_row, out)| kernels[weight](first_row, out));
+    if m == 1 {
+        return buffers;
+    }
+    buffers
+        .into_iter()
+        .zip(rows)
+        .map(|(transposed, &rows)| {
+            let mut output = vec![0f32; m * rows];
+            for (row, values) in transposed.chunks_exact(m).enumerate() {
+                for (i, value) in values.iter().enumerate() {
+                    output[i * rows + row] = *value;
+                }
+            }
+            output
+        })
+        .collect()
+}
+
+/// Multiplies `m` activation rows by the quantized weight rows, in parallel over weight rows.
+fn matmul<T>(weights: &[T], rows: usize, cols: usize, input: &[f32], m: usize) -> Vec<f32>
+where
+    T: WeightBlock,
+    T::VecDotType: ActivationBlock,
+{
+    let kernel = row_kernel(weights, cols, input, m);
+    run_kernels(&[kernel], &[rows], m).pop().unwrap_or_default()
 }
 
 /// Quantizes each activation row to the weight type's dot-product blocks, as llama.cpp does.
@@ -297,6 +351,47 @@ mod tests {
             .unwrap();
         for ((a, b), scale) in ours.iter().zip(&reference).zip(&magnitude) {
             assert!((a - b).abs() <= 0.01 * scale, "{a} vs {b} (terms sum to {scale})");
+        }
+    }
+
+    /// Copies the blocks of `quantized` into a typed vector.
+    fn blocks_of<T: GgmlType>(quantized: &QTensor, count: usize) -> Vec<T> {
+        let raw = quantized.data().unwrap();
+        let mut blocks = vec![T::zeros(); count];
+        assert_eq!(raw.len(), count * std::mem::size_of::<T>());
+        // SAFETY: `raw` holds exactly `count` blocks of type `T` in GGUF layout, as checked.
+        unsafe {
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), blocks.as_mut_ptr().cast::<u8>(), raw.len());
+        }
+        blocks
+    }
+
+    /// The fused product of weights of different types, with row counts that do not fill the
+    /// last parallel task, equals each weight's own product bit for bit.
+    #[test]
+    fn forward_many_equals_separate_products() {
+        let cols = 512;
+        let make = |rows: usize, seed: usize| {
+            let values: Vec<f32> = (0..rows * cols).map(|i| (((i + seed) * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap()
+        };
+        let q4k = QTensor::quantize(&make(40, 1), GgmlDType::Q4K).unwrap();
+        let q6k = QTensor::quantize(&make(24, 2), GgmlDType::Q6K).unwrap();
+        let q8 = QTensor::quantize(&make(17, 3), GgmlDType::Q8_0).unwrap();
+        let weights = [
+            QWeight::new(Blocks::Q4K(blocks_of(&q4k, 40 * cols / 256)), 40, cols),
+            QWeight::new(Blocks::Q6K(blocks_of(&q6k, 24 * cols / 256)), 24, cols),
+            QWeight::new(Blocks::Q8_0(blocks_of(&q8, 17 * cols / 32)), 17, cols),
+        ];
+        for m in [1, 3] {
+            let input: Vec<f32> = (0..m * cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+            let x = Tensor::from_vec(input, (m, cols), &Device::Cpu).unwrap();
+            let fused = QWeight::forward_many(&[&weights[0], &weights[1], &weights[2]], &x).unwrap();
+            assert_eq!(fused.len(), 3);
+            for (weight, fused) in weights.iter().zip(&fused) {
+                let separate: Vec<Vec<f32>> = weight.forward(&x).unwrap().to_vec2().unwrap();
+                assert_eq!(fused.to_vec2::<f32>().unwrap(), separate, "m = {m}, rows = {}", weight.rows());
+            }
         }
     }
 

@@ -263,8 +263,9 @@ impl Transformer {
     }
 
     fn feed_forward(&self, ffn: &FeedForward, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = ffn.gate.forward(x)?;
-        let up = ffn.up.forward(x)?;
+        let [gate, up]: [Tensor; 2] = QWeight::forward_many(&[&ffn.gate, &ffn.up], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("the fused gate and up product lost an output".into()))?;
         let hidden = match self.hparams.activation {
             Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
             Activation::GeluTanh => {
@@ -292,16 +293,19 @@ impl Transformer {
         let seq = x.dim(0)?;
         let start_pos = cache.len();
 
-        let project = |w: &QWeight, bias: &Option<Tensor>, heads: usize| {
-            let mut y = w.forward(x)?;
-            if let Some(bias) = bias {
-                y = y.broadcast_add(bias)?;
-            }
+        let [q, k, v]: [Tensor; 3] = QWeight::forward_many(&[&attn.wq, &attn.wk, &attn.wv], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("the fused q, k and v product lost an output".into()))?;
+        let finish = |y: Tensor, bias: &Option<Tensor>, heads: usize| {
+            let y = match bias {
+                Some(bias) => y.broadcast_add(bias)?,
+                None => y,
+            };
             y.reshape((seq, heads, hp.head_dim))
         };
-        let mut q = project(&attn.wq, &attn.q_bias, hp.n_head)?;
-        let mut k = project(&attn.wk, &attn.k_bias, hp.n_kv_head)?;
-        let v = project(&attn.wv, &attn.v_bias, hp.n_kv_head)?;
+        let mut q = finish(q, &attn.q_bias, hp.n_head)?;
+        let mut k = finish(k, &attn.k_bias, hp.n_kv_head)?;
+        let v = finish(v, &attn.v_bias, hp.n_kv_head)?;
         if let Some(norm) = &attn.q_norm {
             q = rms_norm(&q, norm, hp.rms_eps)?;
         }

@@ -1,10 +1,10 @@
-//! Dot products of weight blocks with quantized activations, for the two block types whose
-//! candle kernels are scalar: Q5_0 × Q8_0 and Q4_1 × Q8_1. Qwen2.5 and Gemma 3 Q4_K_M files
-//! store every matrix whose width is not a multiple of 256 as Q5_0, and SmolLM2's Q4_1 file
-//! uses Q4_1 for every matrix.
+//! Dot products of weight blocks with quantized activations: Q5_0 × Q8_0 and Q4_1 × Q8_1,
+//! whose candle kernels are scalar, and Q8_0 × Q8_0, whose candle kernel is slower. Qwen2.5 and
+//! Gemma 3 Q4_K_M files store every matrix whose width is not a multiple of 256 as Q5_0, and
+//! SmolLM2's Q4_1 file uses Q4_1 for every matrix.
 //!
-//! The AVX2 versions are chosen at run time, so one binary serves every x86-64 machine; other
-//! machines use candle's scalar kernels.
+//! The AVX2 and VNNI versions are chosen at run time, so one binary serves every x86-64
+//! machine; other machines use candle's kernels.
 
 use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, GgmlType};
 
@@ -24,6 +24,35 @@ pub fn dot_q5_0(n: usize, xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
         return unsafe { avx2::dot_q5_0(view::<Q5_0>(xs), view::<Q8_0>(ys)) };
     }
     BlockQ5_0::vec_dot(n, xs, ys)
+}
+
+/// Whether the CPU has 256-bit VNNI (`vpdpbusd` on ymm registers), through AVX-512 VNNI with
+/// AVX-512 VL or through AVX-VNNI.
+#[cfg(target_arch = "x86_64")]
+fn has_vnni() -> bool {
+    use std::sync::OnceLock;
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// Q8_0 × Q8_0, the type of Gemma 3's tied output matrix, whose 262,144 rows dominate a decode
+/// step. candle has an AVX2 kernel, but with one accumulator its fused multiply-adds wait on
+/// each other; this one keeps two, and uses VNNI where the CPU has it.
+pub fn dot_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_vnni() {
+            // SAFETY: AVX2, FMA, AVX-512 VNNI and AVX-512 VL were detected on this CPU.
+            return unsafe { vnni::dot_q8_0(view::<Q8_0>(xs), view::<Q8_0>(ys)) };
+        }
+        if has_avx2() {
+            // SAFETY: AVX2 and FMA were detected on this CPU.
+            return unsafe { avx2::dot_q8_0(view::<Q8_0>(xs), view::<Q8_0>(ys)) };
+        }
+    }
+    BlockQ8_0::vec_dot(n, xs, ys)
 }
 
 pub fn dot_q4_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
@@ -73,7 +102,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn horizontal_sum(v: __m256) -> f32 {
+    pub(super) unsafe fn horizontal_sum(v: __m256) -> f32 {
         let sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
         let sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
@@ -95,6 +124,32 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q8_0(xs: &[Q8_0], ys: &[Q8_0]) -> f32 {
+        // Two accumulators, so that consecutive blocks' multiply-adds do not wait on each other.
+        let mut even = _mm256_setzero_ps();
+        let mut odd = _mm256_setzero_ps();
+        let mut pairs = xs.chunks_exact(2).zip(ys.chunks_exact(2));
+        for (x, y) in &mut pairs {
+            even = _mm256_fmadd_ps(scale(&x[0], &y[0]), dot_i8(load(&x[0]), load(&y[0])), even);
+            odd = _mm256_fmadd_ps(scale(&x[1], &y[1]), dot_i8(load(&x[1]), load(&y[1])), odd);
+        }
+        if let (Some(x), Some(y)) = (xs.chunks_exact(2).remainder().first(), ys.chunks_exact(2).remainder().first()) {
+            even = _mm256_fmadd_ps(scale(x, y), dot_i8(load(x), load(y)), even);
+        }
+        horizontal_sum(_mm256_add_ps(even, odd))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn load(block: &Q8_0) -> __m256i {
+        _mm256_loadu_si256(block.qs.as_ptr().cast())
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn scale(x: &Q8_0, y: &Q8_0) -> __m256 {
+        _mm256_set1_ps(x.d.to_f32() * y.d.to_f32())
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q4_1(xs: &[Q4_1], ys: &[Q8_1]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut offsets = 0f32;
@@ -109,6 +164,38 @@ mod avx2 {
             offsets += x.m.to_f32() * y.s.to_f32();
         }
         horizontal_sum(acc) + offsets
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::avx2::{horizontal_sum, load, scale};
+    use crate::kernels::layout::Q8_0;
+
+    /// Sums the products of 32 signed bytes in eight i32 lanes, as f32, with one `vpdpbusd`
+    /// in place of AVX2's two-step multiply and widen.
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256 {
+        let x_abs = _mm256_sign_epi8(x, x);
+        let y_signed = _mm256_sign_epi8(y, x);
+        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), x_abs, y_signed))
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub unsafe fn dot_q8_0(xs: &[Q8_0], ys: &[Q8_0]) -> f32 {
+        let mut even = _mm256_setzero_ps();
+        let mut odd = _mm256_setzero_ps();
+        let mut pairs = xs.chunks_exact(2).zip(ys.chunks_exact(2));
+        for (x, y) in &mut pairs {
+            even = _mm256_fmadd_ps(scale(&x[0], &y[0]), dot_i8(load(&x[0]), load(&y[0])), even);
+            odd = _mm256_fmadd_ps(scale(&x[1], &y[1]), dot_i8(load(&x[1]), load(&y[1])), odd);
+        }
+        if let (Some(x), Some(y)) = (xs.chunks_exact(2).remainder().first(), ys.chunks_exact(2).remainder().first()) {
+            even = _mm256_fmadd_ps(scale(x, y), dot_i8(load(x), load(y)), even);
+        }
+        horizontal_sum(_mm256_add_ps(even, odd))
     }
 }
 
@@ -133,6 +220,35 @@ mod tests {
         let fast = dot_q5_0(n, &weights, &activations);
         let scalar = BlockQ5_0::vec_dot_unopt(n, &weights, &activations);
         assert!((fast - scalar).abs() <= 1e-4 * scalar.abs().max(1.0), "{fast} vs {scalar}");
+    }
+
+    /// Every path this CPU has (VNNI, AVX2, candle's) against the scalar reference, with an
+    /// odd block count so that the second accumulator's remainder is used.
+    #[test]
+    fn q8_0_matches_scalar_reference() {
+        let n = 32 * 21;
+        let mut weights = vec![BlockQ8_0::zeros(); n / 32];
+        BlockQ8_0::from_float(&sample(n, 5), &mut weights);
+        let mut activations = vec![BlockQ8_0::zeros(); n / 32];
+        quantize_q8_0(&sample(n, 6), &mut activations);
+        let scalar = BlockQ8_0::vec_dot_unopt(n, &weights, &activations);
+        let mut results = vec![("dispatched", dot_q8_0(n, &weights, &activations))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2() {
+                // SAFETY: AVX2 and FMA were detected.
+                let fast = unsafe { avx2::dot_q8_0(view::<Q8_0>(&weights), view::<Q8_0>(&activations)) };
+                results.push(("avx2", fast));
+            }
+            if has_vnni() {
+                // SAFETY: the VNNI features were detected.
+                let fast = unsafe { vnni::dot_q8_0(view::<Q8_0>(&weights), view::<Q8_0>(&activations)) };
+                results.push(("vnni", fast));
+            }
+        }
+        for (path, fast) in results {
+            assert!((fast - scalar).abs() <= 1e-4 * scalar.abs().max(1.0), "{path}: {fast} vs {scalar}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::activation::ActivationBlock;
-use super::dot::{dot_q4_1, dot_q5_0};
+use super::dot::{dot_q4_1, dot_q5_0, dot_q8_0};
 
 /// Weight rows handed to one parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -179,7 +179,6 @@ pub trait WeightBlock: GgmlType {
 
 impl WeightBlock for BlockQ4_0 {}
 impl WeightBlock for BlockQ5_1 {}
-impl WeightBlock for BlockQ8_0 {}
 impl WeightBlock for BlockQ2K {}
 impl WeightBlock for BlockQ3K {}
 impl WeightBlock for BlockQ4K {}
@@ -189,6 +188,12 @@ impl WeightBlock for BlockQ6K {}
 impl WeightBlock for BlockQ5_0 {
     fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         dot_q5_0(n, xs, ys)
+    }
+}
+
+impl WeightBlock for BlockQ8_0 {
+    fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        dot_q8_0(n, xs, ys)
     }
 }
 

@@ -26,8 +26,8 @@ pub fn dot_q5_0(n: usize, xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
     BlockQ5_0::vec_dot(n, xs, ys)
 }
 
-/// Whether the CPU has 256-bit VNNI (`vpdpbusd` on ymm registers), through AVX-512 VNNI with
-/// AVX-512 VL or through AVX-VNNI.
+/// Returns whether the CPU has `vpdpbusd` on 256-bit registers through AVX-512 VNNI and VL.
+// NOTE: CPUs with only AVX-VNNI (no AVX-512) take the AVX2 path.
 #[cfg(target_arch = "x86_64")]
 fn has_vnni() -> bool {
     use std::sync::OnceLock;
@@ -37,9 +37,9 @@ fn has_vnni() -> bool {
     })
 }
 
-/// Q8_0 × Q8_0, the type of Gemma 3's tied output matrix, whose 262,144 rows dominate a decode
-/// step. candle has an AVX2 kernel, but with one accumulator its fused multiply-adds wait on
-/// each other; this one keeps two, and uses VNNI where the CPU has it.
+/// Computes Q8_0 × Q8_0, the type of Gemma 3's tied output matrix, whose 262,144 rows dominate
+/// a decode step. candle's AVX2 kernel chains every multiply-add through one accumulator. This
+/// one keeps two, and uses VNNI where the CPU has it.
 pub fn dot_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {

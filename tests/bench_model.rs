@@ -1,5 +1,6 @@
 //! `tierd bench model` on the real smollm2 model: the JSON report has one result per test with
-//! one figure per repetition, and bad arguments are rejected with the value at fault.
+//! one figure per repetition, and a label-scoring time, and bad arguments are rejected with the
+//! value at fault.
 //!
 //! Run with `cargo test --release --test bench_model`.
 
@@ -38,6 +39,13 @@ fn json_report_has_every_run() {
     let size = std::fs::metadata(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).expect("model file").len();
     assert_eq!(model["file_bytes"].as_u64(), Some(size));
     assert!(model["peak_resident_bytes"].as_u64() >= model["resident_bytes"].as_u64());
+
+    // Label scoring runs only the review past the cached instructions.
+    let scoring = &model["label_scoring"];
+    assert_eq!(scoring["runs"].as_array().map(Vec::len), Some(2), "{scoring}");
+    assert!(scoring["milliseconds"].as_f64() > Some(0.0), "{scoring}");
+    assert!(scoring["uncached_tokens"].as_u64() > Some(0), "{scoring}");
+    assert!(scoring["uncached_tokens"].as_u64() < scoring["prompt_tokens"].as_u64(), "{scoring}");
 
     let tests = model["tests"].as_array().expect("tests");
     let names: Vec<&str> = tests.iter().filter_map(|t| t["test"].as_str()).collect();

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use super::machine::{read_bandwidth, resident_memory, Machine};
+use crate::classify::label_scoring::{score_prompt, LabelSet, PrefixCache};
 use crate::config::Config;
 use crate::model::LoadedModel;
 use crate::registry::model_file;
@@ -55,6 +56,9 @@ pub struct ModelBench {
     /// this is the largest model's peak once a larger one has run.
     pub peak_resident_bytes: Option<u64>,
     pub tests: Vec<TestResult>,
+    /// Time of one sentiment classification by label scoring, in milliseconds, with the
+    /// instructions cached as for consecutive requests of one task.
+    pub label_scoring: ScoringResult,
     /// Estimated fastest decode: `read_bandwidth` over the file size, because each decoded
     /// token reads every weight matrix once. It holds for models whose output layer shares the
     /// token embedding (all three default models); others read less per token.
@@ -71,6 +75,28 @@ pub struct TestResult {
     /// Tokens per second of each repetition.
     pub runs: Vec<f64>,
 }
+
+#[derive(Debug, Serialize)]
+pub struct ScoringResult {
+    /// Prompt tokens of a classification, instructions included.
+    pub prompt_tokens: usize,
+    /// Tokens each classification runs past the cached instructions.
+    pub uncached_tokens: usize,
+    pub milliseconds: f64,
+    pub standard_deviation: f64,
+    /// Milliseconds of each repetition.
+    pub runs: Vec<f64>,
+}
+
+/// Few-shot instructions of the label-scoring test, shared by every classification.
+const INSTRUCTIONS: &str = "Label the sentiment of each review as positive or negative.\n\n\
+    Review: Great value and it works perfectly.\nSentiment: positive\n\n\
+    Review: It stopped working after a week.\nSentiment: negative\n\n";
+/// Two inputs used in turn, so that the instructions stay cached and the review never is.
+const REVIEWS: [&str; 2] = [
+    "Review: The battery lasts two days and the screen is bright and sharp.\nSentiment:",
+    "Review: Shipping took a month and the box arrived crushed.\nSentiment:",
+];
 
 pub fn run(config: &Config, args: &BenchModelArgs) -> anyhow::Result<()> {
     if args.threads == 0 || args.repetitions == 0 || args.decode_tokens == 0 {
@@ -182,6 +208,9 @@ fn bench_one(id: &str, path: &std::path::Path, args: &BenchModelArgs) -> anyhow:
     tests.push(TestResult::new(format!("tg{}", args.decode_tokens), args.decode_tokens, runs));
     eprintln!("{id}: tg{} done", args.decode_tokens);
 
+    let label_scoring = time_label_scoring(&model, args.repetitions)?;
+    eprintln!("{id}: label scoring done");
+
     Ok(ModelBench {
         model: id.to_string(),
         file: path.display().to_string(),
@@ -190,8 +219,61 @@ fn bench_one(id: &str, path: &std::path::Path, args: &BenchModelArgs) -> anyhow:
         resident_bytes: memory_after_load.map(|(now, _)| now),
         peak_resident_bytes: resident_memory().map(|(_, peak)| peak),
         tests,
+        label_scoring,
         decode_bandwidth_limit: 0.0,
     })
+}
+
+/// Times classifications by label scoring, the way a task's `llm_labels` backend runs them:
+/// the reviews in turn through one prefix cache, scoring the labels ` positive` and ` negative`.
+fn time_label_scoring(model: &LoadedModel, repetitions: usize) -> anyhow::Result<ScoringResult> {
+    let encode = |text: &str, bos: bool| -> anyhow::Result<Vec<u32>> {
+        let encoding = model
+            .tokenizer
+            .encode_fast(text, bos)
+            .map_err(|e| anyhow::anyhow!("failed to tokenize the label-scoring prompt: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    };
+    let prompts = [
+        encode(&format!("{INSTRUCTIONS}{}", REVIEWS[0]), true)?,
+        encode(&format!("{INSTRUCTIONS}{}", REVIEWS[1]), true)?,
+    ];
+    let labels = vec![encode(" positive", false)?, encode(" negative", false)?];
+
+    let longest_label = labels.iter().map(Vec::len).max().unwrap_or(1);
+    let set = LabelSet::new(labels, 0)?;
+    let network = model.network.as_ref();
+    let capacity = prompts[0].len().max(prompts[1].len()) + longest_label + 1;
+    let mut prefix = PrefixCache::new(network, capacity);
+    // The first classification fills the cache with the instructions.
+    score_prompt(network, &mut prefix, &prompts[1], &set)?;
+
+    let mut runs = Vec::with_capacity(repetitions);
+    for repetition in 0..repetitions {
+        let started = Instant::now();
+        score_prompt(network, &mut prefix, &prompts[repetition % 2], &set)?;
+        runs.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let shared = prompts[0].iter().zip(&prompts[1]).take_while(|(a, b)| a == b).count();
+    let (milliseconds, standard_deviation) = mean_and_deviation(&runs);
+    Ok(ScoringResult {
+        prompt_tokens: prompts[0].len(),
+        uncached_tokens: prompts[0].len() - shared,
+        milliseconds,
+        standard_deviation,
+        runs,
+    })
+}
+
+/// Returns the mean and the sample standard deviation (0 for one value).
+fn mean_and_deviation(values: &[f64]) -> (f64, f64) {
+    let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
+    let variance = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (values.len() - 1) as f64
+    } else {
+        0.0
+    };
+    (mean, variance.sqrt())
 }
 
 /// Returns `count` tokens of real English text, repeated when the text is shorter.
@@ -210,17 +292,12 @@ fn prompt_tokens(model: &LoadedModel, count: usize) -> anyhow::Result<Vec<u32>> 
 
 impl TestResult {
     fn new(test: String, tokens: usize, runs: Vec<f64>) -> Self {
-        let mean = runs.iter().sum::<f64>() / runs.len() as f64;
-        let variance = if runs.len() > 1 {
-            runs.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (runs.len() - 1) as f64
-        } else {
-            0.0
-        };
+        let (mean, standard_deviation) = mean_and_deviation(&runs);
         Self {
             test,
             tokens,
             tokens_per_second: mean,
-            standard_deviation: variance.sqrt(),
+            standard_deviation,
             runs,
         }
     }
@@ -240,6 +317,7 @@ fn print_table(report: &BenchReport) {
         report.read_bandwidth / 1e9,
         report.tierd_version
     );
+
     println!();
     println!(
         "{:<32} {:>9} {:>8} {:>9} {:>8} {:>18} {:>11}",
@@ -264,16 +342,26 @@ fn print_table(report: &BenchReport) {
             );
         }
     }
+
+    println!();
+    println!("label scoring, one sentiment classification with its instructions cached:");
+    for model in &report.models {
+        let scoring = &model.label_scoring;
+        println!(
+            "{:<32} {:>8.2} ± {:.2} ms ({} prompt tokens, {} past the cache)",
+            model.model, scoring.milliseconds, scoring.standard_deviation, scoring.prompt_tokens, scoring.uncached_tokens
+        );
+    }
     println!();
     println!("of limit: decode speed as a share of read bandwidth / file size, the most decode can reach");
 }
 
 fn print_csv(report: &BenchReport) {
-    println!("model,file_bytes,load_seconds,peak_resident_bytes,threads,test,tokens,tokens_per_second,standard_deviation,decode_bandwidth_limit,cpu");
+    println!("model,file_bytes,load_seconds,peak_resident_bytes,threads,test,tokens,tokens_per_second,standard_deviation,decode_bandwidth_limit,label_scoring_ms,cpu");
     for model in &report.models {
         for test in &model.tests {
             println!(
-                "{},{},{:.3},{},{},{},{},{:.3},{:.3},{:.3},\"{}\"",
+                "{},{},{:.3},{},{},{},{},{:.3},{:.3},{:.3},{:.3},\"{}\"",
                 model.model,
                 model.file_bytes,
                 model.load_seconds,
@@ -284,6 +372,7 @@ fn print_csv(report: &BenchReport) {
                 test.tokens_per_second,
                 test.standard_deviation,
                 model.decode_bandwidth_limit,
+                model.label_scoring.milliseconds,
                 report.machine.cpu.replace('"', "\"\"")
             );
         }

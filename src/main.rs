@@ -478,16 +478,25 @@ async fn serve(mut policy: Policy, source: Option<ConfigSource>) -> anyhow::Resu
     }
     let poll = Duration::from_millis(config.server.config_poll_ms);
     let history = open_history(config).await?;
-    // Generations continue from the history, so that its entries never share a number.
-    if let Some(store) = &history {
-        match store.policy_changes(1) {
-            Ok(latest) => {
-                if let Some(change) = latest.first() {
-                    policy.generation = change.generation + 1;
-                }
+    // Generations continue from the history, so that its entries never share a number. The
+    // stores are blocking clients (PostgreSQL's runs its own runtime), so the read runs off the
+    // async threads.
+    let (history, latest) = match history {
+        Some(store) => tokio::task::spawn_blocking(move || {
+            let latest = store.policy_changes(1);
+            (Some(store), latest)
+        })
+        .await
+        .context("reading the policy history panicked")?,
+        None => (None, Ok(Vec::new())),
+    };
+    match latest {
+        Ok(latest) => {
+            if let Some(change) = latest.first() {
+                policy.generation = change.generation + 1;
             }
-            Err(error) => tracing::warn!(%error, "failed to read the latest policy generation; counting from 1"),
         }
+        Err(error) => tracing::warn!(%error, "failed to read the latest policy generation; counting from 1"),
     }
     let state = Arc::new(AppState::new(policy, source, audit.clone(), history));
     if state.config_source.is_some() {

@@ -16,7 +16,7 @@ use common::postgres::{TempPostgres, PASSWORD};
 use common::*;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tierd::audit::{AuditError, AuditRecord, AuditStore, PostgresStore};
+use tierd::audit::{AuditError, AuditRecord, AuditStore, PolicyChange, PostgresStore};
 
 static SHARED: OnceLock<TempPostgres> = OnceLock::new();
 
@@ -80,6 +80,31 @@ fn records_round_trip() {
     assert_eq!(store.records_since(1_500).expect("read").len(), 2);
     let with_a = store.records_with_id("a").expect("read");
     assert_eq!(with_a.iter().map(|r| r.time_ms).collect::<Vec<_>>(), [1_000, 3_000]);
+}
+
+#[test]
+fn policy_changes_round_trip_newest_first() {
+    let url = shared_postgres().create_database("policy_changes");
+    let mut store = PostgresStore::connect(&url).expect("connect");
+    let change = |time_ms: i64, actor: &str, new_value: &str, generation: u64| PolicyChange {
+        time_ms,
+        actor: actor.into(),
+        setting: "task.sentiment.threshold".into(),
+        old_value: "0.9".into(),
+        new_value: new_value.into(),
+        generation,
+    };
+    store
+        .write_policy_changes(&[change(1_000, "config file", "0.85", 2), change(2_000, "budget-owner", "0.8", 3)])
+        .expect("write");
+    drop(store);
+
+    let store = PostgresStore::connect(&url).expect("reconnect");
+    let latest = store.policy_changes(10).expect("read");
+    assert_eq!(latest.len(), 2);
+    assert_eq!((latest[0].actor.as_str(), latest[0].new_value.as_str(), latest[0].generation), ("budget-owner", "0.8", 3));
+    assert_eq!((latest[1].actor.as_str(), latest[1].time_ms), ("config file", 1_000));
+    assert_eq!(store.policy_changes(1).expect("read").len(), 1);
 }
 
 #[test]

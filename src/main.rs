@@ -137,7 +137,7 @@ enum Command {
         /// Base URL of the server --apply changes.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
-        /// Environment variable that holds an admin token of the server's [[admin_token]] tables.
+        /// Environment variable that contains an admin token of the server's [[admin_token]] tables.
         #[arg(long, default_value = "TIERD_ADMIN_TOKEN")]
         token_env: String,
         #[command(flatten)]
@@ -178,7 +178,7 @@ enum Command {
         /// Base URL of the server.
         #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
         url: String,
-        /// Environment variable that holds an admin token of the server's [[admin_token]] tables.
+        /// Environment variable that contains an admin token of the server's [[admin_token]] tables.
         #[arg(long, global = true, default_value = "TIERD_ADMIN_TOKEN")]
         token_env: String,
     },

@@ -31,15 +31,7 @@ builtin_tasks = false
 
 {qwen}
 {admin_table}
-[[provider]]
-name = "frontier"
-kind = "openai"
-base_url = "{mock}"
-[[provider.model]]
-id = "big"
-tier = 1
-input_per_mtok = 3.0
-output_per_mtok = 15.0
+{frontier}
 
 [[route]]
 name = "auto"
@@ -50,6 +42,7 @@ threshold = 0.6
 {task}"#,
         qwen = model_table(QWEN, None),
         task = greeting_task("0.5 # raised when the new intents ship"),
+        frontier = frontier_provider(mock),
     )
 }
 
@@ -96,7 +89,7 @@ async fn changes_apply_and_are_kept_with_their_history() {
     assert!(file.contains("threshold = 0.77 # raised when the new intents ship"), "the edited line lost its comment:\n{file}");
     assert!(file.contains("# Thresholds are owned by the support team."), "the edit lost a comment:\n{file}");
 
-    // The file watcher sees the edit, but the API applied it already: no second reload.
+    // The file watcher detects the edit, but the API applied it already: no second reload.
     let generation = reply.json()["generation"].as_u64();
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let policy = admin(&server, "GET", "/admin/policy", Some(TOKEN), None).await.json();

@@ -1,6 +1,6 @@
-//! `tierd calibrate` on the real UCI sentiment data: a MiniLM head trained on the Amazon and
-//! Yelp sentences, calibrated on half of the IMDB sentences and checked on the other half, with
-//! the chosen threshold applied to a real `tierd serve` on 127.0.0.1 through its admin API.
+//! `tierd calibrate` on the real UCI sentiment data. A MiniLM head trained on the Amazon and
+//! Yelp sentences is calibrated on half of the IMDB sentences and checked on the other half. The
+//! chosen threshold is applied to a real `tierd serve` on 127.0.0.1 through its admin API.
 //!
 //! Run with `cargo test --release --test calibrate`.
 
@@ -26,7 +26,7 @@ fn dataset(name: &str) -> PathBuf {
     path
 }
 
-/// A config whose `sentiment` task has only the MiniLM head, trained at the first start on the
+/// Returns a config whose `sentiment` task has only the MiniLM head, trained at the first start on the
 /// Amazon and Yelp sentences and written to `head`.
 fn config(head: &Path) -> String {
     format!(
@@ -80,7 +80,7 @@ fn pixels_of(png: &Path, color: [u8; 3]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn calibrated_threshold_holds_on_unseen_data_and_is_applied() {
+async fn threshold_holds_on_unseen_half() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("calibrate");
     std::fs::create_dir_all(&dir).expect("create the test folder");
     let head = dir.join("head.safetensors");

@@ -45,22 +45,15 @@ baseline = "frontier/big"
 [pricing.local]
 "{QWEN}" = {{ input_per_mtok = 0.5, output_per_mtok = 1.0 }}
 
-[[provider]]
-name = "frontier"
-kind = "openai"
-base_url = "{mock}"
-[[provider.model]]
-id = "big"
-tier = 1
-input_per_mtok = 3.0
-output_per_mtok = 15.0
+{frontier}
 
 [[route]]
 name = "auto"
 local = "{QWEN}"
 tier1 = ["frontier/big"]
 threshold = 1.0
-"#
+"#,
+        frontier = frontier_provider(mock),
     )
 }
 

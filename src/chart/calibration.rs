@@ -17,7 +17,7 @@ const HELD_OUT: RGBColor = RGBColor(44, 160, 44);
 const TARGET: RGBColor = RGBColor(100, 100, 100);
 const CHOSEN: RGBColor = RGBColor(214, 39, 40);
 
-/// What the chart shows.
+/// Contents of the calibration chart.
 pub struct CalibrationChart<'a> {
     pub title: String,
     /// Curve on the calibration data, highest threshold first, as `calibration::curve` returns.

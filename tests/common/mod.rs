@@ -72,6 +72,23 @@ pub fn model_table(id: &str, context_length: Option<usize>) -> String {
     table
 }
 
+/// Returns a `[[provider]]` table named `frontier` that sends to `mock`, with one tier-1 model
+/// `big` priced at $3 and $15 per million input and output tokens.
+pub fn frontier_provider(mock: &str) -> String {
+    format!(
+        r#"[[provider]]
+name = "frontier"
+kind = "openai"
+base_url = "{mock}"
+[[provider.model]]
+id = "big"
+tier = 1
+input_per_mtok = 3.0
+output_per_mtok = 15.0
+"#
+    )
+}
+
 /// Returns a `greeting` task of two labels, `hello` and `bye`, answered by a MiniLM head, with
 /// `threshold` as the text after `threshold = ` (a value, optionally with a comment).
 pub fn greeting_task(threshold: &str) -> String {

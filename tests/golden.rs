@@ -28,10 +28,11 @@ struct Tolerances {
     near_tie: f32,
 }
 
-/// qwen2 and llama models; measured worst cases here: 0.3 after the prompt, 0.59 at a decode
-/// step, and greedy flips only at margins below 0.12.
+/// qwen2 and llama models; measured worst cases here: 0.33 after the prompt (SmolLM2's code
+/// prompt; 0.21 before prefill summed its tiles in another order than the row-by-row products),
+/// 0.56 at a decode step, and greedy flips only at margins below 0.12.
 const TOLERANCES: Tolerances = Tolerances {
-    prompt: 0.3,
+    prompt: 0.4,
     decode: 0.65,
     near_tie: 0.25,
 };

@@ -11,7 +11,7 @@ use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_
 use super::layout::{view, Q4_1, Q5_0, Q8_0, Q8_1};
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+pub(super) fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static AVX2: OnceLock<bool> = OnceLock::new();
     *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
@@ -29,7 +29,7 @@ pub fn dot_q5_0(n: usize, xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
 /// Returns whether the CPU has `vpdpbusd` on 256-bit registers through AVX-512 VNNI and VL.
 // NOTE: CPUs with only AVX-VNNI (no AVX-512) take the AVX2 path.
 #[cfg(target_arch = "x86_64")]
-fn has_vnni() -> bool {
+pub(super) fn has_vnni() -> bool {
     use std::sync::OnceLock;
     static VNNI: OnceLock<bool> = OnceLock::new();
     *VNNI.get_or_init(|| {
@@ -203,12 +203,7 @@ mod vnni {
 mod tests {
     use super::*;
     use crate::kernels::activation::{quantize_q8_0, quantize_q8_1};
-
-    fn sample(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 16) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::kernels::tests::sample;
 
     #[test]
     fn q5_0_matches_scalar_reference() {

@@ -7,8 +7,19 @@
 
 pub mod activation;
 pub mod dot;
+pub mod gemm;
 pub mod gelu;
 mod layout;
 pub mod qmatmul;
 
 pub use qmatmul::QWeight;
+
+#[cfg(test)]
+mod tests {
+    /// Returns `len` values spread over [-1, 1] by a multiplicative hash of their index.
+    pub fn sample(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 16) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+}

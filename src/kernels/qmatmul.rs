@@ -2,7 +2,7 @@
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
-    BlockQ8_0, GgmlType,
+    BlockQ8_0, BlockQ8_1, GgmlType,
 };
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Result, Tensor};
@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::activation::ActivationBlock;
 use super::dot::{dot_q4_1, dot_q5_0, dot_q8_0};
+use super::gemm;
 
 /// Weight rows handed to one parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -175,6 +176,14 @@ pub trait WeightBlock: GgmlType {
     fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         Self::vec_dot(n, xs, ys)
     }
+
+    /// Fills `out`, weight-row-major, with the products of the weight rows in `weights` and the
+    /// `m` activation rows in `activations`, `blocks` blocks each, through a tiled kernel.
+    /// Returns `false` where the type or the CPU has none, and the caller dots row by row.
+    fn tiled(weights: &[Self], activations: &[Self::VecDotType], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+        let _ = (weights, activations, blocks, m, out);
+        false
+    }
 }
 
 impl WeightBlock for BlockQ4_0 {}
@@ -189,17 +198,29 @@ impl WeightBlock for BlockQ5_0 {
     fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         dot_q5_0(n, xs, ys)
     }
+
+    fn tiled(weights: &[Self], activations: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+        gemm::q5_0_rows(weights, activations, blocks, m, out)
+    }
 }
 
 impl WeightBlock for BlockQ8_0 {
     fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         dot_q8_0(n, xs, ys)
     }
+
+    fn tiled(weights: &[Self], activations: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+        gemm::q8_0_rows(weights, activations, blocks, m, out)
+    }
 }
 
 impl WeightBlock for BlockQ4_1 {
     fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         dot_q4_1(n, xs, ys)
+    }
+
+    fn tiled(weights: &[Self], activations: &[BlockQ8_1], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+        gemm::q4_1_rows(weights, activations, blocks, m, out)
     }
 }
 
@@ -218,6 +239,12 @@ where
     let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
     let quantized = quantize_activations::<T>(input, cols, m);
     Box::new(move |first_row, out| {
+        if m >= gemm::MIN_ROWS {
+            let weight_rows = &weights[first_row * blocks_per_row..(first_row + out.len() / m) * blocks_per_row];
+            if T::tiled(weight_rows, &quantized, blocks_per_row, m, out) {
+                return;
+            }
+        }
         for (offset, outputs) in out.chunks_exact_mut(m).enumerate() {
             let start = (first_row + offset) * blocks_per_row;
             let weight_row = &weights[start..start + blocks_per_row];
@@ -232,34 +259,63 @@ where
 /// Runs each kernel over its weight's rows, all in one parallel dispatch so that the threads
 /// wake once for the lot, and returns each weight's `(m, rows)` output, row-major.
 fn run_kernels(kernels: &[RowKernel], rows: &[usize], m: usize) -> Vec<Vec<f32>> {
-    // Output laid out weight-row-major so each task writes one contiguous slice; transposed
-    // at the end when there is more than one activation row.
     let mut buffers: Vec<Vec<f32>> = rows.iter().map(|&rows| vec![0f32; rows * m]).collect();
-    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-    for (weight, buffer) in buffers.iter_mut().enumerate() {
-        for (task, out) in buffer.chunks_mut(ROWS_PER_TASK * m).enumerate() {
-            tasks.push((weight, task * ROWS_PER_TASK, out));
+    let outputs: Vec<Columns> = buffers.iter_mut().map(|buffer| Columns::new(buffer, m)).collect();
+    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
+    for (weight, &rows) in rows.iter().enumerate() {
+        for first_row in (0..rows).step_by(ROWS_PER_TASK) {
+            tasks.push((weight, first_row, ROWS_PER_TASK.min(rows - first_row)));
         }
     }
-    tasks
-        .into_par_iter()
-        .for_each(|(weight, first_row, out)| kernels[weight](first_row, out));
-    if m == 1 {
-        return buffers;
-    }
+    tasks.into_par_iter().for_each_init(Vec::new, |local, (weight, first_row, count)| {
+        // Kernels fill a weight-row-major block, each weight row's `m` values together;
+        // it is then spread into the output's columns.
+        local.clear();
+        local.resize(count * m, 0f32);
+        kernels[weight](first_row, local);
+        // SAFETY: the tasks cover disjoint row ranges of each weight, so no two tasks write
+        // the same output column.
+        unsafe { outputs[weight].write(first_row, local) };
+    });
+    drop(outputs);
     buffers
-        .into_iter()
-        .zip(rows)
-        .map(|(transposed, &rows)| {
-            let mut output = vec![0f32; m * rows];
-            for (row, values) in transposed.chunks_exact(m).enumerate() {
-                for (i, value) in values.iter().enumerate() {
-                    output[i * rows + row] = *value;
-                }
+}
+
+/// The `(m, rows)` output of one weight, shared by parallel tasks that each write the columns
+/// of their own weight rows.
+struct Columns {
+    start: *mut f32,
+    m: usize,
+    rows: usize,
+}
+
+// SAFETY: `Columns` hands out no references; writers guarantee disjoint columns.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    fn new(buffer: &mut [f32], m: usize) -> Self {
+        let rows = if m == 0 { 0 } else { buffer.len() / m };
+        Self { start: buffer.as_mut_ptr(), m, rows }
+    }
+
+    /// Writes `values`, which contain `m` values for each weight row from `first_row` on, into
+    /// their columns of the output.
+    ///
+    /// # Safety
+    /// No other call may write the same weight rows while this one runs, and the buffer given
+    /// to [`Columns::new`] must outlive the call.
+    unsafe fn write(&self, first_row: usize, values: &[f32]) {
+        let count = values.len() / self.m.max(1);
+        assert!(first_row + count <= self.rows, "rows {first_row}..{} of {}", first_row + count, self.rows);
+        for i in 0..self.m {
+            // SAFETY: `i < m` and `first_row + count <= rows`, so the run lies inside row `i`
+            // of the `(m, rows)` buffer.
+            let row = unsafe { std::slice::from_raw_parts_mut(self.start.add(i * self.rows + first_row), count) };
+            for (r, value) in row.iter_mut().enumerate() {
+                *value = values[r * self.m + i];
             }
-            output
-        })
-        .collect()
+        }
+    }
 }
 
 /// Multiplies `m` activation rows by the quantized weight rows, in parallel over weight rows.
@@ -317,45 +373,49 @@ mod tests {
     use candle_core::quantized::QTensor;
 
     /// The quantized product agrees with a dense product of the dequantized weights to within
-    /// the activation quantization error.
+    /// the activation quantization error, for one activation row (row by row) and for seven
+    /// (tiled where the type has a tiled kernel), with 37 rows so the last parallel task is short.
     #[test]
-    fn q4k_matmul_matches_dense() {
-        let (rows, cols, m) = (40, 512, 3);
+    fn quantized_matmul_matches_dense() {
+        let (rows, cols) = (37, 512);
         let weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let dense = Tensor::from_vec(weights, (rows, cols), &Device::Cpu).unwrap();
-        let quantized = QTensor::quantize(&dense, GgmlDType::Q4K).unwrap();
-        let dequantized = quantized.dequantize(&Device::Cpu).unwrap();
-        let mut blocks = vec![BlockQ4K::zeros(); rows * cols / 256];
-        let raw = quantized.data().unwrap();
-        // SAFETY: `raw` holds exactly `blocks.len()` Q4_K blocks in GGUF layout.
-        unsafe {
-            std::ptr::copy_nonoverlapping(raw.as_ptr(), blocks.as_mut_ptr().cast::<u8>(), raw.len());
-        }
-        let weight = QWeight::new(Blocks::Q4K(blocks), rows, cols);
-
-        let input: Vec<f32> = (0..m * cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
-        let x = Tensor::from_vec(input, (m, cols), &Device::Cpu).unwrap();
-        let ours: Vec<f32> = weight.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let reference: Vec<f32> = x
-            .matmul(&dequantized.t().unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        // The error bound scales with the magnitude of the terms, not of their sum, because the
-        // sums cancel: Q8_K activations carry about 0.4 % error per element.
-        let magnitude: Vec<f32> = x
-            .abs()
-            .unwrap()
-            .matmul(&dequantized.abs().unwrap().t().unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        for ((a, b), scale) in ours.iter().zip(&reference).zip(&magnitude) {
-            assert!((a - b).abs() <= 0.01 * scale, "{a} vs {b} (terms sum to {scale})");
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let quantized = QTensor::quantize(&dense, dtype).unwrap();
+            let dequantized = quantized.dequantize(&Device::Cpu).unwrap();
+            let count = rows * cols / dtype.block_size();
+            let blocks = match dtype {
+                GgmlDType::Q4K => Blocks::Q4K(blocks_of(&quantized, count)),
+                GgmlDType::Q6K => Blocks::Q6K(blocks_of(&quantized, count)),
+                GgmlDType::Q5_0 => Blocks::Q5_0(blocks_of(&quantized, count)),
+                GgmlDType::Q8_0 => Blocks::Q8_0(blocks_of(&quantized, count)),
+                _ => Blocks::Q4_1(blocks_of(&quantized, count)),
+            };
+            let weight = QWeight::new(blocks, rows, cols);
+            for m in [1, 7] {
+                let input: Vec<f32> = (0..m * cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+                let x = Tensor::from_vec(input, (m, cols), &Device::Cpu).unwrap();
+                let ours: Vec<f32> = weight.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let reference: Vec<f32> =
+                    x.matmul(&dequantized.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                // The error bound scales with the magnitude of the terms, not of their sum,
+                // because the sums cancel: 8-bit activations carry about 0.4 % error per element.
+                let magnitude: Vec<f32> = x
+                    .abs()
+                    .unwrap()
+                    .matmul(&dequantized.abs().unwrap().t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (index, ((a, b), scale)) in ours.iter().zip(&reference).zip(&magnitude).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 0.01 * scale,
+                        "{dtype:?}, m = {m}, output {index}: {a} vs {b} (terms sum to {scale})"
+                    );
+                }
+            }
         }
     }
 

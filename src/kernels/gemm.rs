@@ -49,12 +49,12 @@ pub fn q4_1_rows(weights: &[BlockQ4_1], activations: &[BlockQ8_1], blocks: usize
 
 /// A tiled kernel for one instruction set.
 #[cfg(target_arch = "x86_64")]
-type Kernel<W, A> = unsafe fn(&[W], &[A], Shape, &mut [f32]);
+pub(super) type Kernel<W, A> = unsafe fn(&[W], &[A], Shape, &mut [f32]);
 
 /// Checks the slice lengths and runs the VNNI kernel where the CPU has VNNI, else the AVX2
 /// kernel where it has AVX2. Returns `false` where it has neither.
 #[cfg(target_arch = "x86_64")]
-fn dispatch<W: Mirrors, A: Mirrors>(
+pub(super) fn dispatch<W: Mirrors, A: Mirrors>(
     weights: &[W::Candle],
     activations: &[A::Candle],
     blocks: usize,
@@ -80,13 +80,13 @@ fn dispatch<W: Mirrors, A: Mirrors>(
 /// The sizes of one tiled product, checked against its slices.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct Shape {
+pub(super) struct Shape {
     /// Weight rows.
-    rows: usize,
+    pub(super) rows: usize,
     /// Activation rows.
-    m: usize,
+    pub(super) m: usize,
     /// Blocks per row, the same for weights and activations.
-    blocks: usize,
+    pub(super) blocks: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -103,7 +103,7 @@ impl Shape {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::Shape;
@@ -126,7 +126,7 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn horizontal_sum(v: __m256) -> f32 {
+    pub(in crate::kernels) unsafe fn horizontal_sum(v: __m256) -> f32 {
         let sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
         let sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
@@ -163,7 +163,7 @@ mod x86 {
     /// Sums unsigned bytes times signed bytes in groups of four, into eight i32 lanes, with
     /// AVX2. Exact while each pair of products fits an i16, which is true for weights up to 127.
     #[inline(always)]
-    unsafe fn dot_u8_i8(unsigned: __m256i, signed: __m256i) -> __m256i {
+    pub(in crate::kernels) unsafe fn dot_u8_i8(unsigned: __m256i, signed: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
     }
 
@@ -502,7 +502,7 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::quantized::k_quants::GgmlType;
 
     use super::*;
@@ -510,17 +510,33 @@ mod tests {
     use crate::kernels::tests::sample;
 
     /// A tiled kernel under test: fills `out` from weights and activations quantized from f32.
-    type Tiled<W, A> = fn(&[W], &[A], usize, usize, &mut [f32]);
+    pub(in crate::kernels) type Tiled<'a, W, A> = &'a dyn Fn(&[W], &[A], usize, usize, &mut [f32]);
+
+    /// Wraps one instruction set's kernel as a [`Tiled`] function on candle's block types.
+    ///
+    /// # Safety
+    /// The CPU must have the kernel's instructions.
+    #[cfg(target_arch = "x86_64")]
+    pub(in crate::kernels) unsafe fn on_path<W: Mirrors, A: Mirrors>(
+        kernel: Kernel<W, A>,
+    ) -> impl Fn(&[W::Candle], &[A::Candle], usize, usize, &mut [f32]) {
+        move |w, a, blocks, m, out| {
+            let shape = Shape::new(w.len(), a.len(), blocks, m, out.len());
+            // SAFETY: the caller of `on_path` checked the CPU features; `Shape::new` checked
+            // the lengths.
+            unsafe { kernel(view::<W>(w), view::<A>(a), shape, out) }
+        }
+    }
 
     /// Checks `kernel` against candle's scalar dot product of every weight row with every
     /// activation row. 11 weight rows and 7 activation rows leave edge tiles of every shape.
-    fn check<W, A>(name: &str, kernel: Tiled<W, A>)
+    pub(in crate::kernels) fn check<W, A>(name: &str, kernel: Tiled<W, A>)
     where
         W: GgmlType<VecDotType = A>,
         A: ActivationBlock,
     {
         let (rows, m, blocks) = (11, 7, 5);
-        let cols = blocks * 32;
+        let cols = blocks * W::BLCK_SIZE;
         let mut weights = vec![W::zeros(); rows * blocks];
         W::from_float(&sample(rows * cols, 1), &mut weights);
         let mut activations = vec![A::zeros(); m * blocks];
@@ -547,21 +563,12 @@ mod tests {
 
     #[test]
     fn dispatched_kernels_match_scalar_reference() {
-        fn q5_0(w: &[BlockQ5_0], a: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) {
-            assert!(q5_0_rows(w, a, blocks, m, out) || cfg!(not(target_arch = "x86_64")));
-        }
-        fn q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) {
-            assert!(q8_0_rows(w, a, blocks, m, out) || cfg!(not(target_arch = "x86_64")));
-        }
-        fn q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1], blocks: usize, m: usize, out: &mut [f32]) {
-            assert!(q4_1_rows(w, a, blocks, m, out) || cfg!(not(target_arch = "x86_64")));
-        }
         if !cfg!(target_arch = "x86_64") {
             return;
         }
-        check("q5_0", q5_0);
-        check("q8_0", q8_0);
-        check("q4_1", q4_1);
+        check("q5_0", &|w, a, blocks, m, out| assert!(q5_0_rows(w, a, blocks, m, out)));
+        check("q8_0", &|w, a, blocks, m, out| assert!(q8_0_rows(w, a, blocks, m, out)));
+        check("q4_1", &|w, a, blocks, m, out| assert!(q4_1_rows(w, a, blocks, m, out)));
     }
 
     /// Each instruction-set path this CPU has, so that a VNNI machine also tests the AVX2 one.
@@ -570,24 +577,18 @@ mod tests {
     fn every_path_matches_scalar_reference() {
         use crate::kernels::dot::{has_avx2, has_vnni};
 
-        macro_rules! path {
-            ($kernel:path, $weight:ty, $activation:ty, $wview:ty, $aview:ty) => {
-                |w: &[$weight], a: &[$activation], blocks: usize, m: usize, out: &mut [f32]| {
-                    let shape = Shape::new(w.len(), a.len(), blocks, m, out.len());
-                    // SAFETY: the caller checked the CPU features; `Shape::new` checked the lengths.
-                    unsafe { $kernel(view::<$wview>(w), view::<$aview>(a), shape, out) }
-                }
-            };
-        }
-        if has_avx2() {
-            check("q5_0 avx2", path!(x86::q5_0_avx2, BlockQ5_0, BlockQ8_0, Q5_0, Q8_0));
-            check("q8_0 avx2", path!(x86::q8_0_avx2, BlockQ8_0, BlockQ8_0, Q8_0, Q8_0));
-            check("q4_1 avx2", path!(x86::q4_1_avx2, BlockQ4_1, BlockQ8_1, Q4_1, Q8_1));
-        }
-        if has_vnni() {
-            check("q5_0 vnni", path!(x86::q5_0_vnni, BlockQ5_0, BlockQ8_0, Q5_0, Q8_0));
-            check("q8_0 vnni", path!(x86::q8_0_vnni, BlockQ8_0, BlockQ8_0, Q8_0, Q8_0));
-            check("q4_1 vnni", path!(x86::q4_1_vnni, BlockQ4_1, BlockQ8_1, Q4_1, Q8_1));
+        // SAFETY: each path runs only where its instructions were detected.
+        unsafe {
+            if has_avx2() {
+                check("q5_0 avx2", &on_path::<Q5_0, Q8_0>(x86::q5_0_avx2));
+                check("q8_0 avx2", &on_path::<Q8_0, Q8_0>(x86::q8_0_avx2));
+                check("q4_1 avx2", &on_path::<Q4_1, Q8_1>(x86::q4_1_avx2));
+            }
+            if has_vnni() {
+                check("q5_0 vnni", &on_path::<Q5_0, Q8_0>(x86::q5_0_vnni));
+                check("q8_0 vnni", &on_path::<Q8_0, Q8_0>(x86::q8_0_vnni));
+                check("q4_1 vnni", &on_path::<Q4_1, Q8_1>(x86::q4_1_vnni));
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 //! of candle blocks can be read or filled field by field. The compile-time assertions check
 //! sizes and alignments against candle's types.
 
-use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1};
 use half::f16;
 
 /// Elements per Q4_0/Q4_1/Q5_0/Q8_0/Q8_1 block.
@@ -37,6 +37,24 @@ pub struct Q8_1 {
     pub d: f16,
     pub s: f16,
     pub qs: [i8; QK8],
+}
+
+/// Q4_K: eight 32-element sub-blocks with 6-bit scales and minimums packed in `scales`.
+#[repr(C)]
+pub struct Q4K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// Q6_K: low four bits in `ql`, high two in `qh`, one signed scale per 16 elements.
+#[repr(C)]
+pub struct Q6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: f16,
 }
 
 #[repr(C)]
@@ -72,6 +90,8 @@ mirrors!(Q4_1, BlockQ4_1);
 mirrors!(Q8_0, BlockQ8_0);
 mirrors!(Q8_1, BlockQ8_1);
 mirrors!(Q8K, BlockQ8K);
+mirrors!(Q4K, BlockQ4K);
+mirrors!(Q6K, BlockQ6K);
 
 pub fn view<T: Mirrors>(blocks: &[T::Candle]) -> &[T] {
     // SAFETY: `Mirrors` guarantees identical layout and validity.

@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod dot;
 pub mod gemm;
+pub mod gemm_kquant;
 pub mod gelu;
 mod layout;
 pub mod qmatmul;

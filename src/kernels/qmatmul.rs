@@ -2,7 +2,7 @@
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
-    BlockQ8_0, BlockQ8_1, GgmlType,
+    BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
 };
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Result, Tensor};
@@ -10,10 +10,13 @@ use rayon::prelude::*;
 
 use super::activation::ActivationBlock;
 use super::dot::{dot_q4_1, dot_q5_0, dot_q8_0};
-use super::gemm;
+use super::{gemm, gemm_kquant};
 
 /// Weight rows handed to one parallel task.
 const ROWS_PER_TASK: usize = 16;
+
+/// Minimum number of activation rows quantized in parallel.
+const PARALLEL_QUANTIZE_ROWS: usize = 16;
 
 /// The blocks of a weight matrix `(rows, cols)`, stored row-major as in the GGUF file.
 pub enum Blocks {
@@ -190,9 +193,19 @@ impl WeightBlock for BlockQ4_0 {}
 impl WeightBlock for BlockQ5_1 {}
 impl WeightBlock for BlockQ2K {}
 impl WeightBlock for BlockQ3K {}
-impl WeightBlock for BlockQ4K {}
 impl WeightBlock for BlockQ5K {}
-impl WeightBlock for BlockQ6K {}
+
+impl WeightBlock for BlockQ4K {
+    fn tiled(weights: &[Self], activations: &[BlockQ8K], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+        gemm_kquant::q4k_rows(weights, activations, blocks, m, out)
+    }
+}
+
+impl WeightBlock for BlockQ6K {
+    fn tiled(weights: &[Self], activations: &[BlockQ8K], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+        gemm_kquant::q6k_rows(weights, activations, blocks, m, out)
+    }
+}
 
 impl WeightBlock for BlockQ5_0 {
     fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -336,11 +349,17 @@ where
 {
     let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
     let mut quantized = vec![T::VecDotType::zeros(); m * activation_blocks];
-    for (row, out) in input
-        .chunks_exact(cols)
-        .zip(quantized.chunks_exact_mut(activation_blocks))
-    {
-        T::VecDotType::quantize(row, out);
+    // A prompt's rows are quantized in parallel; a single decode row is not worth waking the
+    // threads for.
+    if m >= PARALLEL_QUANTIZE_ROWS {
+        input
+            .par_chunks_exact(cols)
+            .zip(quantized.par_chunks_exact_mut(activation_blocks))
+            .for_each(|(row, out)| T::VecDotType::quantize(row, out));
+    } else {
+        for (row, out) in input.chunks_exact(cols).zip(quantized.chunks_exact_mut(activation_blocks)) {
+            T::VecDotType::quantize(row, out);
+        }
     }
     quantized
 }

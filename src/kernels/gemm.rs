@@ -17,9 +17,10 @@ use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_
 #[cfg(target_arch = "x86_64")]
 use super::layout::{view, Mirrors, Q4_1, Q5_0, Q8_0, Q8_1};
 
-/// Minimum number of activation rows for the tiled kernels.
-// NOTE: a guess, not measured: with fewer rows than a tile is wide, every tile is an edge tile.
-pub const MIN_ROWS: usize = 4;
+/// Minimum number of activation rows for the tiled kernels. A single decode row goes through
+/// them too: tiles of four weight rows by one activation row are as fast as the row-by-row dot
+/// products or faster (qwen2.5-coder decode +8 %, see BENCHMARKS.md).
+pub const MIN_ROWS: usize = 1;
 
 /// Fills `out`, laid out weight-row-major (`m` values per weight row), with the products of the
 /// weight rows in `weights` (`blocks` blocks each) and the `m` activation rows in
@@ -63,9 +64,9 @@ pub(super) fn dispatch<W: Mirrors, A: Mirrors>(
     vnni: Kernel<W, A>,
     avx2: Kernel<W, A>,
 ) -> bool {
-    let kernel = if super::dot::has_vnni() {
+    let kernel = if super::cpu::has_vnni() {
         vnni
-    } else if super::dot::has_avx2() {
+    } else if super::cpu::has_avx2() {
         avx2
     } else {
         return false;
@@ -575,7 +576,7 @@ pub(super) mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_path_matches_scalar_reference() {
-        use crate::kernels::dot::{has_avx2, has_vnni};
+        use crate::kernels::cpu::{has_avx2, has_vnni};
 
         // SAFETY: each path runs only where its instructions were detected.
         unsafe {

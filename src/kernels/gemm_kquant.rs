@@ -241,12 +241,15 @@ mod x86 {
                 match (height == R, width == C) {
                     (true, true) => tile::<W, R, C, VNNI>(weights, activations, shape, row, col, out),
                     (false, true) => tile::<W, 1, C, VNNI>(weights, activations, shape, row, col, out),
-                    // Edge columns go one activation row at a time.
-                    (_, false) => {
+                    // Edge columns, and a single decode row, go one activation row at a time.
+                    (true, false) => {
                         for c in col..col + width {
-                            for r in row..row + height {
-                                tile::<W, 1, 1, VNNI>(weights, activations, shape, r, c, out);
-                            }
+                            tile::<W, R, 1, VNNI>(weights, activations, shape, row, c, out);
+                        }
+                    }
+                    (false, false) => {
+                        for c in col..col + width {
+                            tile::<W, 1, 1, VNNI>(weights, activations, shape, row, c, out);
                         }
                     }
                 }
@@ -298,7 +301,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_path_matches_scalar_reference() {
-        use crate::kernels::dot::{has_avx2, has_vnni};
+        use crate::kernels::cpu::{has_avx2, has_vnni};
         use crate::kernels::gemm::tests::on_path;
 
         // SAFETY: each path runs only where its instructions were detected.

@@ -9,7 +9,6 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::activation::ActivationBlock;
-use super::dot::{dot_q4_1, dot_q5_0, dot_q8_0};
 use super::{gemm, gemm_kquant};
 
 /// Weight rows handed to one parallel task.
@@ -173,8 +172,8 @@ fn block_dtype<T: GgmlType>(_: &[T]) -> GgmlDType {
     T::DTYPE
 }
 
-/// Weight blocks with a dot product against their activation blocks: tierd's own SIMD kernel
-/// where candle's is scalar, candle's otherwise.
+/// Weight blocks with candle's dot product against their activation blocks and, for the types
+/// of the bundled models, tierd's tiled product of many rows.
 pub trait WeightBlock: GgmlType {
     fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         Self::vec_dot(n, xs, ys)
@@ -208,30 +207,18 @@ impl WeightBlock for BlockQ6K {
 }
 
 impl WeightBlock for BlockQ5_0 {
-    fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
-        dot_q5_0(n, xs, ys)
-    }
-
     fn tiled(weights: &[Self], activations: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) -> bool {
         gemm::q5_0_rows(weights, activations, blocks, m, out)
     }
 }
 
 impl WeightBlock for BlockQ8_0 {
-    fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
-        dot_q8_0(n, xs, ys)
-    }
-
     fn tiled(weights: &[Self], activations: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) -> bool {
         gemm::q8_0_rows(weights, activations, blocks, m, out)
     }
 }
 
 impl WeightBlock for BlockQ4_1 {
-    fn dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
-        dot_q4_1(n, xs, ys)
-    }
-
     fn tiled(weights: &[Self], activations: &[BlockQ8_1], blocks: usize, m: usize, out: &mut [f32]) -> bool {
         gemm::q4_1_rows(weights, activations, blocks, m, out)
     }
@@ -376,6 +363,25 @@ where
     let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
     let quantized = quantize_activations::<T>(input, cols, m);
     let mut output = vec![0f32; m * ids.len()];
+    // The tiled kernels compute each output the same way whatever the tile, so one weight row
+    // at a time gives the values of the full product bit for bit.
+    if m >= gemm::MIN_ROWS {
+        let mut column = vec![0f32; m];
+        let mut tiled = true;
+        for (j, &id) in ids.iter().enumerate() {
+            let start = id as usize * blocks_per_row;
+            tiled = T::tiled(&weights[start..start + blocks_per_row], &quantized, blocks_per_row, m, &mut column);
+            if !tiled {
+                break;
+            }
+            for (i, value) in column.iter().enumerate() {
+                output[i * ids.len() + j] = *value;
+            }
+        }
+        if tiled {
+            return output;
+        }
+    }
     for (i, outputs) in output.chunks_exact_mut(ids.len().max(1)).enumerate().take(m) {
         let activations = &quantized[i * activation_blocks..(i + 1) * activation_blocks];
         for (value, &id) in outputs.iter_mut().zip(ids) {

@@ -93,7 +93,7 @@ pub(super) struct Shape {
 #[cfg(target_arch = "x86_64")]
 impl Shape {
     fn new(weight_blocks: usize, activation_blocks: usize, blocks: usize, m: usize, out: usize) -> Self {
-        let rows = if m == 0 { 0 } else { out / m };
+        let rows = out.checked_div(m).unwrap_or(0);
         assert!(
             blocks > 0 && rows * m == out && weight_blocks >= rows * blocks && activation_blocks >= m * blocks,
             "tiled product of {rows} x {blocks} weight blocks by {m} x {blocks} activation blocks \
@@ -405,6 +405,8 @@ pub(super) mod x86 {
     /// # Safety
     /// The CPU has the instructions `K` uses, and the rows lie inside the slices as `Shape`
     /// describes them.
+    // The index loops address the accumulator grid and the loaded blocks together.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn tile<K: TileKernel, const R: usize, const C: usize>(
         weights: &[K::Weight],
@@ -518,6 +520,7 @@ pub(super) mod tests {
     /// # Safety
     /// The CPU must have the kernel's instructions.
     #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::type_complexity)]
     pub(in crate::kernels) unsafe fn on_path<W: Mirrors, A: Mirrors>(
         kernel: Kernel<W, A>,
     ) -> impl Fn(&[W::Candle], &[A::Candle], usize, usize, &mut [f32]) {

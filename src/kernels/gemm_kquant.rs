@@ -106,7 +106,7 @@ mod x86 {
             // Bytes 32j..32j + 32 contain group 2j in their low nibbles and group 2j + 1 in their
             // high nibbles.
             let bytes = _mm256_loadu_si256(self.qs.as_ptr().add(32 * (group / 2)).cast());
-            let shifted = if group % 2 == 0 { bytes } else { _mm256_srli_epi16(bytes, 4) };
+            let shifted = if group.is_multiple_of(2) { bytes } else { _mm256_srli_epi16(bytes, 4) };
             _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
         }
     }
@@ -168,6 +168,8 @@ mod x86 {
     /// # Safety
     /// The CPU has the instructions `add_group` uses, and the rows lie inside the slices as
     /// `shape` describes them.
+    // The index loops address the accumulator grids and the loaded blocks together.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn tile<W: SuperBlock, const R: usize, const C: usize, const VNNI: bool>(
         weights: &[W],

@@ -294,7 +294,7 @@ unsafe impl Sync for Columns {}
 
 impl Columns {
     fn new(buffer: &mut [f32], m: usize) -> Self {
-        let rows = if m == 0 { 0 } else { buffer.len() / m };
+        let rows = buffer.len().checked_div(m).unwrap_or(0);
         Self { start: buffer.as_mut_ptr(), m, rows }
     }
 

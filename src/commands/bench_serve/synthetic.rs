@@ -13,6 +13,11 @@ const TOKENS_PER_WORD: f64 = 1.3;
 /// Words (or tokens) between the starts of consecutive prompts.
 const STRIDE: usize = 37;
 
+/// Start positions tried per prompt, and cut adjustments tried per start, before the closest
+/// prompt is kept.
+const START_TRIES: usize = 16;
+const ADJUSTMENTS: usize = 4;
+
 /// Returns `count` prompts of `tokens` tokens each, as `tokenizer` counts them.
 ///
 /// Text cut at a token boundary can tokenize differently once decoded, so each prompt is
@@ -35,23 +40,30 @@ pub fn exact(tokenizer: &Tokenizer, tokens: usize, count: usize) -> anyhow::Resu
     let mut prompts = Vec::with_capacity(count);
     let mut worst = 0;
     for index in 0..count {
-        let start = (index * STRIDE) % ids.len();
-        let mut take = tokens;
         let mut best: Option<(usize, String)> = None;
-        for _ in 0..8 {
-            let slice: Vec<u32> = ids.iter().copied().cycle().skip(start).take(take).collect();
-            let text = tokenizer
-                .decode(&slice, true)
-                .map_err(|e| anyhow::anyhow!("failed to decode a synthetic prompt: {e}"))?;
-            let counted = count_tokens(&text)?;
-            let miss = counted.abs_diff(tokens);
-            if best.as_ref().is_none_or(|(best_miss, _)| miss < *best_miss) {
-                best = Some((miss, text));
+        // A cut can flip between one token too many and one too few, so a few later starts
+        // are tried before settling for the closest prompt.
+        for shift in 0..START_TRIES {
+            let start = (index * STRIDE + shift) % ids.len();
+            let mut take = tokens;
+            for _ in 0..ADJUSTMENTS {
+                let slice: Vec<u32> = ids.iter().copied().cycle().skip(start).take(take).collect();
+                let text = tokenizer
+                    .decode(&slice, true)
+                    .map_err(|e| anyhow::anyhow!("failed to decode a synthetic prompt: {e}"))?;
+                let counted = count_tokens(&text)?;
+                let miss = counted.abs_diff(tokens);
+                if best.as_ref().is_none_or(|(best_miss, _)| miss < *best_miss) {
+                    best = Some((miss, text));
+                }
+                if miss == 0 {
+                    break;
+                }
+                take = if counted > tokens { take.saturating_sub(counted - tokens).max(1) } else { take + (tokens - counted) };
             }
-            if miss == 0 {
+            if best.as_ref().is_some_and(|(miss, _)| *miss == 0) {
                 break;
             }
-            take = if counted > tokens { take.saturating_sub(counted - tokens).max(1) } else { take + (tokens - counted) };
         }
         if let Some((miss, text)) = best {
             worst = worst.max(miss);

@@ -214,8 +214,9 @@ enum BenchAction {
     /// inter-token and end-to-end latency percentiles, throughput and failures by kind.
     /// Nothing is retried. Only loopback addresses are accepted unless --allow-remote is given.
     Serve {
+        // Boxed because its many options would make every `BenchAction` as large.
         #[command(flatten)]
-        args: BenchServeArgs,
+        args: Box<BenchServeArgs>,
         #[command(flatten)]
         common: CommonArgs,
     },

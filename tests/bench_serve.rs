@@ -535,4 +535,9 @@ fn exact_prompts_have_the_requested_length() {
         }
         assert_ne!(prompts[0], prompts[1]);
     }
+
+    // No two prompts may repeat, or a server's prompt cache would answer the repeats.
+    let (prompts, _) = tierd::commands::bench_serve::synthetic::exact(&tokenizer, 64, 200).expect("prompts");
+    let distinct: std::collections::HashSet<&String> = prompts.iter().collect();
+    assert_eq!(distinct.len(), prompts.len());
 }

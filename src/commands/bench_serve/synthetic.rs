@@ -10,7 +10,7 @@ const TEXT: &str = include_str!("../../../tests/golden/prompts/long.txt");
 /// Tokens per English word of typical BPE vocabularies, used when no tokenizer is at hand.
 const TOKENS_PER_WORD: f64 = 1.3;
 
-/// Words (or tokens) between the starts of consecutive prompts.
+/// Words (or tokens) between the starts of consecutive prompts, at least; see `stride`.
 const STRIDE: usize = 37;
 
 /// Start positions tried per prompt, and cut adjustments tried per start, before the closest
@@ -37,6 +37,7 @@ pub fn exact(tokenizer: &Tokenizer, tokens: usize, count: usize) -> anyhow::Resu
             .map_err(|e| anyhow::anyhow!("failed to tokenize a synthetic prompt: {e}"))?;
         Ok(encoding.get_ids().len())
     };
+    let stride = stride(ids.len());
     let mut prompts = Vec::with_capacity(count);
     let mut worst = 0;
     for index in 0..count {
@@ -44,7 +45,7 @@ pub fn exact(tokenizer: &Tokenizer, tokens: usize, count: usize) -> anyhow::Resu
         // A cut can flip between one token too many and one too few, so a few later starts
         // are tried before settling for the closest prompt.
         for shift in 0..START_TRIES {
-            let start = (index * STRIDE + shift) % ids.len();
+            let start = (index * stride + shift) % ids.len();
             let mut take = tokens;
             for _ in 0..ADJUSTMENTS {
                 let slice: Vec<u32> = ids.iter().copied().cycle().skip(start).take(take).collect();
@@ -77,13 +78,33 @@ pub fn exact(tokenizer: &Tokenizer, tokens: usize, count: usize) -> anyhow::Resu
 pub fn approximate(tokens: usize, count: usize) -> Vec<String> {
     let words: Vec<&str> = TEXT.split_whitespace().collect();
     let length = ((tokens as f64 / TOKENS_PER_WORD).round() as usize).max(1);
+    let stride = stride(words.len());
     (0..count)
         .map(|index| {
-            let start = (index * STRIDE) % words.len();
+            let start = (index * stride) % words.len();
             let slice: Vec<&str> = words.iter().copied().cycle().skip(start).take(length).collect();
             slice.join(" ")
         })
         .collect()
+}
+
+/// Returns the smallest step from `STRIDE` up that shares no factor with `length`, so that the
+/// first `length` prompts all start at different places. With a step that divides into the
+/// length, prompts would repeat after `length / step` of them, and a server's prompt cache
+/// would answer the repeats.
+fn stride(length: usize) -> usize {
+    let mut step = STRIDE;
+    while greatest_common_divisor(step, length) != 1 {
+        step += 1;
+    }
+    step
+}
+
+fn greatest_common_divisor(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 #[cfg(test)]
@@ -98,6 +119,18 @@ mod tests {
             assert_eq!(prompt.split_whitespace().count(), 100, "{prompt}");
         }
         assert_ne!(prompts[0].split_whitespace().next(), prompts[1].split_whitespace().next());
+    }
+
+    #[test]
+    fn stride_shares_no_factor_with_the_length() {
+        // 740 = 20 × 37, so a step of 37 would repeat every 20 prompts.
+        for length in [740, 37, 74 * 3, 619, 1] {
+            let step = stride(length);
+            assert_eq!(greatest_common_divisor(step, length), 1, "length {length}, step {step}");
+            let starts: std::collections::HashSet<usize> = (0..length).map(|i| (i * step) % length).collect();
+            assert_eq!(starts.len(), length, "length {length}, step {step}");
+        }
+        assert_eq!(stride(740), 39);
     }
 
     #[test]

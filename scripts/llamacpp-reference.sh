@@ -2,10 +2,12 @@
 # Build llama.cpp from the llama-cpp-python sdist and write the golden reference
 # files under tests/golden/ that tierd's model tests compare against.
 #
-# Usage: scripts/llamacpp-reference.sh [--build-only]
+# Usage: scripts/llamacpp-reference.sh [--build-only | --build-server]
 #
 #   --build-only   fetch and build llama.cpp (libllama, llama-bench) and the
 #                  dumper, then stop without touching tests/golden/
+#   --build-server as --build-only, and also build llama-server (without its
+#                  web UI) for `tierd bench serve --compare`
 #
 # Environment:
 #   TIERD_CACHE               cache root (default: $HOME/.cache/tierd); the sdist,
@@ -119,7 +121,17 @@ fetch_sdist() {
     log "llama.cpp commit: $commit"
 }
 
+# Print whether the CMake cache in $BUILD_DIR enables llama-server: ON or OFF.
+server_in_cache() {
+    if grep -q '^LLAMA_BUILD_SERVER:BOOL=ON$' "$BUILD_DIR/CMakeCache.txt" 2>/dev/null; then
+        echo ON
+    else
+        echo OFF
+    fi
+}
+
 build_llama_cpp() {
+    local with_server=$1
     local commit short_commit
     commit=$(cat "$COMMIT_FILE")
     short_commit=${commit:0:7}
@@ -128,8 +140,10 @@ build_llama_cpp() {
     if [[ ! -f $BUILD_DIR/build.ninja ]]; then
         log "configuring llama.cpp in $BUILD_DIR"
         # Static libraries keep the dumper and llama-bench free of rpath handling.
-        # The server is off because its web UI step may try to download a
-        # prebuilt UI; OpenSSL is off because nothing here needs HTTPS.
+        # The server is built only when asked for. Its web UI is always left
+        # out: the UI step would otherwise run npm or download prebuilt files,
+        # and an empty UI still serves the API. OpenSSL is off because nothing
+        # here needs HTTPS.
         # GIT_CEILING_DIRECTORIES stops build-info.cmake from finding a git
         # repository above the cache directory.
         GIT_CEILING_DIRECTORIES=$WORK_DIR cmake -S "$SRC_DIR" -B "$BUILD_DIR" -G Ninja \
@@ -140,7 +154,9 @@ build_llama_cpp() {
             -DLLAMA_OPENSSL=OFF \
             -DLLAMA_BUILD_TESTS=OFF \
             -DLLAMA_BUILD_EXAMPLES=OFF \
-            -DLLAMA_BUILD_SERVER=OFF \
+            -DLLAMA_BUILD_SERVER="$with_server" \
+            -DLLAMA_BUILD_UI=OFF \
+            -DLLAMA_USE_PREBUILT_UI=OFF \
             -DLLAMA_BUILD_APP=OFF \
             -DLLAMA_BUILD_COMMON=ON \
             -DLLAMA_BUILD_TOOLS=ON \
@@ -148,9 +164,21 @@ build_llama_cpp() {
             -DLLAMA_BUILD_NUMBER=0
     fi
 
-    log "building llama and llama-bench with $JOBS jobs"
+    local targets=(llama llama-bench)
+    if [[ $with_server == ON ]]; then
+        if [[ $(server_in_cache) == OFF ]]; then
+            # A build configured without the server keeps its objects: only the
+            # server's targets are added.
+            log "enabling llama-server in $BUILD_DIR"
+            GIT_CEILING_DIRECTORIES=$WORK_DIR cmake -S "$SRC_DIR" -B "$BUILD_DIR" \
+                -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+        fi
+        targets+=(llama-server)
+    fi
+
+    log "building ${targets[*]} with $JOBS jobs"
     local start=$SECONDS
-    GIT_CEILING_DIRECTORIES=$WORK_DIR cmake --build "$BUILD_DIR" --parallel "$JOBS" --target llama llama-bench
+    GIT_CEILING_DIRECTORIES=$WORK_DIR cmake --build "$BUILD_DIR" --parallel "$JOBS" --target "${targets[@]}"
     log "build step took $((SECONDS - start)) s"
 }
 
@@ -306,21 +334,26 @@ EOF
 }
 
 main() {
-    local build_only=0
+    local build_only=0 with_server=OFF
     case ${1:-} in
         "") ;;
         --build-only) build_only=1 ;;
-        *) die "unknown argument '$1'; usage: $0 [--build-only]" ;;
+        --build-server) build_only=1 with_server=ON ;;
+        *) die "unknown argument '$1'; usage: $0 [--build-only | --build-server]" ;;
     esac
 
     command -v python3 >/dev/null || die "python3 not found"
     command -v g++ >/dev/null || die "g++ not found; install build-essential"
     ensure_build_tools
     fetch_sdist
-    build_llama_cpp
+    # A cache that already has the server keeps building it, so that a later
+    # run without --build-server does not turn it off again.
+    [[ $(server_in_cache) == ON ]] && with_server=ON
+    build_llama_cpp "$with_server"
     build_dumper
     if ((build_only)); then
         log "built $BUILD_DIR/bin/llama-bench and $DUMPER"
+        [[ $with_server == ON ]] && log "built $BUILD_DIR/bin/llama-server"
         return
     fi
 

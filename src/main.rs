@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tierd::classify::setup::load_tasks;
 use tierd::commands::bench_model::{BenchModelArgs, OutputFormat as BenchFormat};
+use tierd::commands::bench_serve::BenchServeArgs;
 use tierd::commands::{self, calibrate::CalibrateArgs, eval::EvalArgs, train::TrainArgs};
 use tierd::audit::handle::AuditSink;
 use tierd::audit::AuditWriter;
@@ -143,7 +144,7 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
-    /// Measure speed on this machine.
+    /// Measure speed: of the engine on this machine, or of a running server.
     Bench {
         #[command(subcommand)]
         action: BenchAction,
@@ -205,6 +206,17 @@ enum BenchAction {
         repetitions: usize,
         #[arg(long, value_enum, default_value = "table")]
         format: BenchFormat,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Load-test an OpenAI-compatible server: streamed chat requests (or tierd
+    /// classifications) at fixed request rates or fixed concurrency, with time to first token,
+    /// inter-token and end-to-end latency percentiles, throughput and failures by kind.
+    /// Nothing is retried. Only loopback addresses are accepted unless --allow-remote is given.
+    Serve {
+        // Boxed because its many options would make every `BenchAction` as large.
+        #[command(flatten)]
+        args: Box<BenchServeArgs>,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -410,6 +422,12 @@ fn main() -> anyhow::Result<()> {
                 format,
             };
             commands::bench_model::run(&config, &args)
+        }
+        Command::Bench {
+            action: BenchAction::Serve { args, common },
+        } => {
+            let config = common.load()?;
+            commands::bench_serve::run(&config, &args)
         }
         Command::Key { action } => run_key(action),
         Command::Policy {

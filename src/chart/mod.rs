@@ -2,6 +2,7 @@
 //! chart looks the same on a box without any system fonts.
 
 pub mod calibration;
+pub mod latency;
 
 use std::sync::OnceLock;
 

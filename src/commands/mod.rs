@@ -1,7 +1,9 @@
-//! Offline commands that run without the HTTP server: `tierd train`, `tierd eval`,
-//! `tierd calibrate`, `tierd report`, `tierd key`, `tierd policy` and `tierd bench`.
+//! The commands other than `tierd serve`: `tierd train`, `tierd eval`, `tierd calibrate`,
+//! `tierd report`, `tierd key`, `tierd policy` and `tierd bench`. Only `tierd policy` and
+//! `tierd bench serve` talk to a running server.
 
 pub mod bench_model;
+pub mod bench_serve;
 pub mod calibrate;
 pub mod escalation_eval;
 pub mod eval;

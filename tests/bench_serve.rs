@@ -1,6 +1,7 @@
 //! `tierd bench serve` against a real `tierd serve` on 127.0.0.1 with smollm2, and against a
-//! mock server on 127.0.0.1 whose replies are set per URL path: a slow first token, HTTP errors,
-//! cut streams, error events, a server that never responds, and a port with no server.
+//! mock server on 127.0.0.1 whose replies are set per URL path. The mock covers a slow first
+//! token, HTTP errors, cut streams, error events and a server that never responds. One test
+//! targets a port with no server.
 //!
 //! Every run must account for each request: sent = succeeded + failed, with each failure
 //! counted by kind, and no request may report a first token after its end.

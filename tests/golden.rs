@@ -28,9 +28,9 @@ struct Tolerances {
     near_tie: f32,
 }
 
-/// qwen2 and llama models; measured worst cases here: 0.33 after the prompt (SmolLM2's code
-/// prompt; 0.21 before prefill summed its tiles in another order than the row-by-row products),
-/// 0.56 at a decode step, and greedy flips only at margins below 0.12.
+/// Tolerances of qwen2 and llama models. Measured worst cases here: 0.33 after the prompt
+/// (SmolLM2's code prompt), 0.56 at a decode step, and greedy flips only at margins below 0.12.
+/// The prompt case was 0.21 before prefill summed in tiles, in another order than row by row.
 const TOLERANCES: Tolerances = Tolerances {
     prompt: 0.4,
     decode: 0.65,

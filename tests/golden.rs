@@ -28,9 +28,11 @@ struct Tolerances {
     near_tie: f32,
 }
 
-/// Tolerances of qwen2 and llama models. Measured worst cases here: 0.33 after the prompt
-/// (SmolLM2's code prompt), 0.56 at a decode step, and greedy flips only at margins below 0.12.
-/// The prompt case was 0.21 before prefill summed in tiles, in another order than row by row.
+/// Tolerances of qwen2 and llama models. Measured worst cases here: 0.30 after the prompt
+/// (SmolLM2's short prompt), 0.54 at a decode step, and greedy flips only at margins below 0.12.
+/// These move by a few tenths whenever tierd changes a summation order: moving attention from
+/// candle's matrix product to a per-row kernel took SmolLM2's code prompt from 0.33 to 0.08
+/// and its short prompt from 0.18 to 0.30.
 const TOLERANCES: Tolerances = Tolerances {
     prompt: 0.4,
     decode: 0.65,
@@ -39,10 +41,11 @@ const TOLERANCES: Tolerances = Tolerances {
 
 /// Gemma 3 is noisier: its logits are about twice as large (around 20), and llama.cpp rounds
 /// each GELU input and output to f16, so an f32 rounding difference upstream can move a GELU
-/// output by an f16 step. Measured worst cases here: 0.44 after the prompt, 0.82 at a decode
-/// step, and a greedy flip at a margin of 0.67 on the code prompt.
+/// output by an f16 step. Measured worst cases here: 0.55 after the prompt (the code prompt,
+/// 0.28 with candle's attention product, whose order differs), 0.48 at a decode step, and a
+/// greedy flip at a margin of 0.67 on the code prompt.
 const GEMMA_TOLERANCES: Tolerances = Tolerances {
-    prompt: 0.5,
+    prompt: 0.65,
     decode: 1.0,
     near_tie: 0.7,
 };

@@ -7,6 +7,7 @@
 //! tierd's logits within a few hundredths of the reference instead of a few tenths.
 
 pub mod activation;
+pub mod attention;
 mod cpu;
 pub mod gemm;
 pub mod gemm_kquant;

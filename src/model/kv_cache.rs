@@ -1,38 +1,33 @@
 //! Per-sequence key/value cache for the decoder's attention layers.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::Result;
 
-/// Keys and values of one layer, shaped `(n_kv_head, capacity, head_dim)`.
-///
-/// The buffers grow by doubling up to the context length, so a short request does not pay for
-/// the whole context window.
+/// Keys and values of one layer, position-major: `(positions, n_kv_head, head_dim)`, so that
+/// appending a batch is one copy and growing keeps every stored position in place.
+#[derive(Default)]
 struct LayerCache {
-    keys: Tensor,
-    values: Tensor,
-    capacity: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 pub struct KvCache {
-    layers: Vec<Option<LayerCache>>,
+    layers: Vec<LayerCache>,
     len: usize,
     max_len: usize,
-    n_kv_head: usize,
-    head_dim: usize,
-    device: Device,
+    /// Values per position: `n_kv_head * head_dim`.
+    row: usize,
 }
 
-/// Initial number of positions allocated per layer.
+/// Number of positions allocated per layer at the first append.
 const INITIAL_CAPACITY: usize = 256;
 
 impl KvCache {
     pub fn new(n_layer: usize, n_kv_head: usize, head_dim: usize, max_len: usize) -> Self {
         Self {
-            layers: (0..n_layer).map(|_| None).collect(),
+            layers: (0..n_layer).map(|_| LayerCache::default()).collect(),
             len: 0,
             max_len,
-            n_kv_head,
-            head_dim,
-            device: Device::Cpu,
+            row: n_kv_head * head_dim,
         }
     }
 
@@ -59,55 +54,37 @@ impl KvCache {
         self.len += count;
     }
 
-    /// Stores `keys` and `values` (each `(n_kv_head, seq, head_dim)`) for layer `layer` at the
-    /// current position, and returns views of the positions `start..len + seq`.
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        keys: &Tensor,
-        values: &Tensor,
-        start: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let seq = keys.dim(1)?;
-        let end = self.len + seq;
+    /// Stores `keys` and `values`, each `(seq, n_kv_head, head_dim)`, for layer `layer` at the
+    /// current position, and returns the layer's keys and values of positions `0..len + seq`.
+    pub(crate) fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) -> Result<(&[f32], &[f32])> {
+        let row = self.row;
+        if keys.len() != values.len() || !keys.len().is_multiple_of(row) {
+            candle_core::bail!(
+                "invalid KV cache append: {} keys and {} values for positions of {row} values",
+                keys.len(),
+                values.len()
+            );
+        }
+        let end = self.len + keys.len() / row;
         if end > self.max_len {
             candle_core::bail!("KV cache is full: {end} positions exceed {}", self.max_len);
         }
-        self.reserve(layer, end)?;
-
-        let Some(cache) = self.layers[layer].as_mut() else {
-            candle_core::bail!("KV cache layer {layer} was not allocated");
+        let Some(cache) = self.layers.get_mut(layer) else {
+            candle_core::bail!("KV cache has no layer {layer}");
         };
-        cache.keys.slice_set(&keys.contiguous()?, 1, self.len)?;
-        cache.values.slice_set(&values.contiguous()?, 1, self.len)?;
-
-        let keys = cache.keys.narrow(1, start, end - start)?;
-        let values = cache.values.narrow(1, start, end - start)?;
-        Ok((keys, values))
-    }
-
-    fn reserve(&mut self, layer: usize, needed: usize) -> Result<()> {
-        let current = self.layers[layer].as_ref().map_or(0, |cache| cache.capacity);
-        if needed <= current {
-            return Ok(());
+        // Grow by doubling, from a small start, up to the maximum length: a short request
+        // does not pay for the whole context window.
+        let capacity = cache.keys.capacity() / row;
+        if end > capacity {
+            let grown = end.max(capacity * 2).max(INITIAL_CAPACITY).min(self.max_len);
+            cache.keys.reserve_exact(grown * row - cache.keys.len());
+            cache.values.reserve_exact(grown * row - cache.values.len());
         }
-
-        let capacity = needed
-            .max(current * 2)
-            .max(INITIAL_CAPACITY)
-            .min(self.max_len);
-        let shape = (self.n_kv_head, capacity, self.head_dim);
-        let keys = Tensor::zeros(shape, candle_core::DType::F32, &self.device)?;
-        let values = Tensor::zeros(shape, candle_core::DType::F32, &self.device)?;
-        if let Some(old) = &self.layers[layer] {
-            keys.slice_set(&old.keys.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-            values.slice_set(&old.values.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-        }
-        self.layers[layer] = Some(LayerCache {
-            keys,
-            values,
-            capacity,
-        });
-        Ok(())
+        let start = self.len * row;
+        cache.keys.truncate(start);
+        cache.values.truncate(start);
+        cache.keys.extend_from_slice(keys);
+        cache.values.extend_from_slice(values);
+        Ok((&cache.keys, &cache.values))
     }
 }

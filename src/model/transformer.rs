@@ -2,9 +2,9 @@
 //!
 //! The architectures differ only in details that [`HParams`] records: rope pairing, QKV biases,
 //! per-head Q/K norms, post-attention and post-feed-forward norms, embedding scaling, the
-//! activation, and Gemma 3's sliding-window layers. Attention does not repeat the shared
-//! key/value heads: query heads are grouped under their key/value head and multiplied against
-//! views of the cache.
+//! activation, and Gemma 3's sliding-window layers. Attention reads the shared key/value heads
+//! straight from the cache (see [`causal_attention`]), and computes each token's row the same
+//! way whether the token arrives alone or in a batch.
 
 use std::fs::File;
 use std::path::Path;
@@ -13,10 +13,11 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::{Content, TensorInfo};
 use candle_core::{Device, Tensor};
 
-use super::hparams::{Activation, HParams, RopeStyle};
+use super::hparams::{Activation, HParams};
 use super::kv_cache::KvCache;
-use super::rope::RopeTables;
+use super::rope::{Angles, RopeTables};
 use super::tensor_loader::{read_dense_tensor, read_weight};
+use crate::kernels::attention::{causal_attention, AttentionShape};
 use crate::kernels::gelu::gelu_mul;
 use crate::kernels::QWeight;
 use super::ModelError;
@@ -232,20 +233,16 @@ impl Transformer {
             x = (x * (hp.n_embd as f64).sqrt())?;
         }
 
-        let (cos_global, sin_global) = self.rope_global.tables(start_pos, seq)?;
-        let (cos_local, sin_local) = if hp.sliding_window.is_some() {
-            self.rope_local.tables(start_pos, seq)?
-        } else {
-            (cos_global.clone(), sin_global.clone())
-        };
+        let angles_global = self.rope_global.angles(start_pos, seq);
+        let angles_local = hp.sliding_window.is_some().then(|| self.rope_local.angles(start_pos, seq));
 
         for (index, layer) in self.layers.iter().enumerate() {
-            let (cos, sin) = match layer.window {
-                Some(_) => (&cos_local, &sin_local),
-                None => (&cos_global, &sin_global),
+            let angles = match (layer.window, &angles_local) {
+                (Some(_), Some(local)) => local,
+                _ => &angles_global,
             };
             let h = rms_norm(&x, &layer.attn_norm, hp.rms_eps)?;
-            let mut h = self.attention(layer, index, &h, cos, sin, cache)?;
+            let mut h = self.attention(layer, index, &h, angles, cache)?;
             if let Some(norm) = &layer.post_attn_norm {
                 h = rms_norm(&h, norm, hp.rms_eps)?;
             }
@@ -284,8 +281,7 @@ impl Transformer {
         layer: &Layer,
         index: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        angles: &Angles,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
         let hp = &self.hparams;
@@ -296,117 +292,57 @@ impl Transformer {
         let [q, k, v]: [Tensor; 3] = QWeight::forward_many(&[&attn.wq, &attn.wk, &attn.wv], x)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("the fused q, k and v product lost an output".into()))?;
-        let finish = |y: Tensor, bias: &Option<Tensor>, heads: usize| {
+        // Each becomes `(seq, heads, head_dim)`, flattened.
+        let finish = |y: Tensor, bias: &Option<Tensor>, norm: &Option<Tensor>| -> candle_core::Result<Vec<f32>> {
             let y = match bias {
                 Some(bias) => y.broadcast_add(bias)?,
                 None => y,
             };
-            y.reshape((seq, heads, hp.head_dim))
-        };
-        let mut q = finish(q, &attn.q_bias, hp.n_head)?;
-        let mut k = finish(k, &attn.k_bias, hp.n_kv_head)?;
-        let v = finish(v, &attn.v_bias, hp.n_kv_head)?;
-        if let Some(norm) = &attn.q_norm {
-            q = rms_norm(&q, norm, hp.rms_eps)?;
-        }
-        if let Some(norm) = &attn.k_norm {
-            k = rms_norm(&k, norm, hp.rms_eps)?;
-        }
-
-        // (seq, heads, head_dim) -> (1, heads, seq, head_dim), the layout of candle's rope.
-        let q = q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-        let k = k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-        let (q, k) = match hp.rope_style {
-            RopeStyle::Halves => (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            ),
-            RopeStyle::Interleaved => (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-            ),
-        };
-        let q = q.squeeze(0)?;
-        let k = k.squeeze(0)?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-
-        // A sliding-window layer only ever needs the last `window - 1` positions before the
-        // first query, so the view starts there.
-        let first_key = match layer.window {
-            Some(window) => (start_pos + 1).saturating_sub(window),
-            None => 0,
-        };
-        let (keys, values) = cache.append(index, &k, &v, first_key)?;
-        let n_keys = keys.dim(1)?;
-
-        // Group the query heads that share a key/value head: (n_kv, group * seq, head_dim).
-        let group = hp.n_head / hp.n_kv_head;
-        let q = q.reshape((hp.n_kv_head, group * seq, hp.head_dim))?;
-        let scale = 1.0 / (hp.head_dim as f64).sqrt();
-        let scores = (q.matmul(&keys.t()?)? * scale)?;
-
-        let scores = if seq > 1 || layer.window.is_some_and(|w| n_keys > w) {
-            let mask = attention_mask(seq, start_pos, first_key, n_keys, layer.window)?;
-            scores
-                .reshape((hp.n_kv_head, group, seq, n_keys))?
-                .broadcast_add(&mask)?
-                .reshape((hp.n_kv_head, group * seq, n_keys))?
-        } else {
-            scores
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&values.contiguous()?)?;
-
-        // (n_kv, group * seq, head_dim) -> (seq, n_head * head_dim)
-        let out = out
-            .reshape((hp.n_head, seq, hp.head_dim))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((seq, hp.n_head * hp.head_dim))?;
-        attn.wo.forward(&out)
-    }
-}
-
-/// Builds the additive mask `(seq, n_keys)` for queries at `start_pos..start_pos + seq` over
-/// keys at `first_key..first_key + n_keys`: a key is visible when it is not in the future and,
-/// on a sliding-window layer, when its distance to the query is below the window.
-fn attention_mask(
-    seq: usize,
-    start_pos: usize,
-    first_key: usize,
-    n_keys: usize,
-    window: Option<usize>,
-) -> candle_core::Result<Tensor> {
-    let mut mask = vec![0f32; seq * n_keys];
-    for i in 0..seq {
-        let query_pos = start_pos + i;
-        for j in 0..n_keys {
-            let key_pos = first_key + j;
-            let future = key_pos > query_pos;
-            let outside_window = window.is_some_and(|w| query_pos - key_pos.min(query_pos) >= w);
-            if future || outside_window {
-                mask[i * n_keys + j] = f32::NEG_INFINITY;
+            let mut values: Vec<f32> = y.flatten_all()?.to_vec1()?;
+            if let Some(norm) = norm {
+                rms_norm_rows(&mut values, &norm.to_vec1()?, hp.rms_eps);
             }
-        }
+            Ok(values)
+        };
+        let mut q = finish(q, &attn.q_bias, &attn.q_norm)?;
+        let mut k = finish(k, &attn.k_bias, &attn.k_norm)?;
+        let v = finish(v, &attn.v_bias, &None)?;
+        angles.rotate(&mut q, hp.rope_style);
+        angles.rotate(&mut k, hp.rope_style);
+
+        let (keys, values) = cache.append(index, &k, &v)?;
+        let shape = AttentionShape {
+            n_head: hp.n_head,
+            n_kv_head: hp.n_kv_head,
+            head_dim: hp.head_dim,
+            start_pos,
+            window: layer.window,
+            scale: 1.0 / (hp.head_dim as f32).sqrt(),
+        };
+        let out = causal_attention(&q, keys, values, shape);
+        attn.wo.forward(&Tensor::from_vec(out, (seq, hp.n_head * hp.head_dim), &Device::Cpu)?)
     }
-    Tensor::from_vec(mask, (seq, n_keys), &Device::Cpu)
 }
 
 /// RMS norm over the last dimension, computed as llama.cpp's CPU backend does: the sum of
 /// squares in f64, `x * (1 / sqrt(mean + eps))`, then the weight in a separate multiply.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let shape = x.shape().clone();
-    let dim = weight.dim(0)?;
     let weight: Vec<f32> = weight.to_vec1()?;
     let mut values: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    rms_norm_rows(&mut values, &weight, eps);
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
+/// Applies [`rms_norm`] in place to each run of `weight.len()` values.
+fn rms_norm_rows(values: &mut [f32], weight: &[f32], eps: f64) {
     let eps = eps as f32;
-    for row in values.chunks_exact_mut(dim) {
+    for row in values.chunks_exact_mut(weight.len()) {
         let sum: f64 = row.iter().map(|v| (v * v) as f64).sum();
-        let mean = (sum / dim as f64) as f32;
+        let mean = (sum / weight.len() as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
-        for (v, w) in row.iter_mut().zip(&weight) {
+        for (v, w) in row.iter_mut().zip(weight) {
             *v = (*v * scale) * w;
         }
     }
-    Tensor::from_vec(values, shape, &Device::Cpu)
 }

@@ -111,9 +111,19 @@ RAYON_NUM_THREADS=$THREADS "$TIERD" serve --config "$OUT/tierd.toml" --host 127.
     --audit-db "$OUT/tierd-audit.db" >"$OUT/tierd.log" 2>&1 &
 PIDS+=($!)
 
+# Both servers must render a chat into the same tokens. llama-server runs the GGUF's own template
+# through its Jinja engine, as tierd does. For a file without one (the gemma3 base model), it
+# gets the template tierd falls back to: its own fallback is ChatML, which made each gemma3
+# prompt 15 tokens longer than tierd's.
+TEMPLATE_ARGS=(--jinja)
+if ! grep -aq -m 1 tokenizer.chat_template < <(head -c 16M "$MODEL_FILE"); then
+    TEMPLATE_ARGS+=(--chat-template-file "$REPO_ROOT/src/engine/templates/gemma3.jinja")
+fi
+
 log "starting llama-server on 127.0.0.1:$LLAMA_PORT"
 "$LLAMA_SERVER" -m "$MODEL_FILE" -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -c $((4096 * PARALLEL)) \
-    --no-repack --no-webui --host 127.0.0.1 --port "$LLAMA_PORT" >"$OUT/llama-server.log" 2>&1 &
+    "${TEMPLATE_ARGS[@]}" --no-repack --no-webui --host 127.0.0.1 --port "$LLAMA_PORT" \
+    >"$OUT/llama-server.log" 2>&1 &
 PIDS+=($!)
 
 wait_healthy() {
@@ -129,6 +139,32 @@ wait_healthy() {
 }
 wait_healthy tierd "$TIERD_PORT"
 wait_healthy llama-server "$LLAMA_PORT"
+
+# Prints the prompt tokens that the server on port $1 counts for one chat with a system message.
+prompt_tokens() {
+    python3 - "$1" "$MODEL" <<'PY'
+import json, sys, urllib.request
+port, model = sys.argv[1], sys.argv[2]
+messages = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "Which river flows through Vienna?"},
+]
+body = json.dumps({"model": model, "messages": messages, "max_tokens": 1, "temperature": 0}).encode()
+request = urllib.request.Request(
+    f"http://127.0.0.1:{port}/v1/chat/completions", body, {"content-type": "application/json"}
+)
+with urllib.request.urlopen(request, timeout=120) as response:
+    print(json.load(response)["usage"]["prompt_tokens"])
+PY
+}
+TIERD_PROMPT=$(prompt_tokens "$TIERD_PORT")
+LLAMA_PROMPT=$(prompt_tokens "$LLAMA_PORT")
+if [[ $TIERD_PROMPT != "$LLAMA_PROMPT" ]]; then
+    log "the servers render the same chat differently: $TIERD_PROMPT prompt tokens in tierd," \
+        "$LLAMA_PROMPT in llama-server; the comparison would not be fair (see $OUT/llama-server.log)"
+    exit 1
+fi
+log "both servers count $TIERD_PROMPT prompt tokens for the same chat"
 
 log "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) logical CPUs; llama.cpp commit ${COMMIT:-unknown}"
 "$TIERD" bench serve --compare "http://127.0.0.1:$TIERD_PORT" "http://127.0.0.1:$LLAMA_PORT" \

@@ -4,20 +4,9 @@ use minijinja::{context, Environment, ErrorKind};
 use serde::Serialize;
 
 /// The Gemma 3 chat format, for Gemma files that carry no template (base models). A system
-/// message is folded into the first user turn, because Gemma has no system role.
-pub const GEMMA3_TEMPLATE: &str = r#"{{ bos_token }}
-{%- if messages and messages[0].role == 'system' -%}
-  {%- set system_prefix = messages[0].content ~ '\n\n' -%}
-  {%- set turns = messages[1:] -%}
-{%- else -%}
-  {%- set system_prefix = '' -%}
-  {%- set turns = messages -%}
-{%- endif -%}
-{%- for message in turns -%}
-  {%- set role = 'model' if message.role == 'assistant' else message.role -%}
-  {{ '<start_of_turn>' ~ role ~ '\n' ~ (system_prefix if loop.first else '') ~ (message.content | trim) ~ '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"#;
+/// message is folded into the first user turn, because Gemma has no system role. The file is
+/// also what `scripts/bench-serve-vs-llamacpp.sh` gives llama-server, so both render alike.
+pub const GEMMA3_TEMPLATE: &str = include_str!("templates/gemma3.jinja");
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessage {

@@ -183,9 +183,11 @@ pub(super) mod x86 {
         scale: __m256,
     }
 
-    struct Q5_0Vnni;
+    /// Q5_0 weights against Q8_0 activations, with `vpdpbusd` where `VNNI` is set and AVX2's
+    /// `vpmaddubsw` otherwise.
+    struct Q5_0Tile<const VNNI: bool>;
 
-    impl TileKernel for Q5_0Vnni {
+    impl<const VNNI: bool> TileKernel for Q5_0Tile<VNNI> {
         type Weight = Q5_0;
         type Activation = Q8_0;
         type LoadedWeight = Weight;
@@ -199,45 +201,23 @@ pub(super) mod x86 {
         #[inline(always)]
         unsafe fn load_activation(block: &Q8_0) -> Activation {
             let values = _mm256_loadu_si256(block.qs.as_ptr().cast());
-            // Starting each sum at -16 × (its activation bytes) removes the +16 of the weights.
-            let offset = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), values);
-            Activation {
-                values,
-                scale: _mm256_set1_ps(block.d.to_f32()),
-                offset: _mm256_sub_epi32(_mm256_setzero_si256(), offset),
+            let scale = _mm256_set1_ps(block.d.to_f32());
+            if VNNI {
+                // Starting each sum at -16 × (its activation bytes) removes the +16 of the weights.
+                let offset = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), values);
+                Activation { values, scale, offset: _mm256_sub_epi32(_mm256_setzero_si256(), offset) }
+            } else {
+                Activation { values, scale, offset: dot_u8_i8(_mm256_set1_epi8(16), values) }
             }
         }
 
         #[inline(always)]
         unsafe fn accumulate(acc: __m256, w: Weight, a: Activation) -> __m256 {
-            let sums = _mm256_dpbusd_epi32(a.offset, w.values, a.values);
-            _mm256_fmadd_ps(_mm256_mul_ps(w.scale, a.scale), _mm256_cvtepi32_ps(sums), acc)
-        }
-    }
-
-    struct Q5_0Avx2;
-
-    impl TileKernel for Q5_0Avx2 {
-        type Weight = Q5_0;
-        type Activation = Q8_0;
-        type LoadedWeight = Weight;
-        type LoadedActivation = Activation;
-
-        #[inline(always)]
-        unsafe fn load_weight(block: &Q5_0) -> Weight {
-            Q5_0Vnni::load_weight(block)
-        }
-
-        #[inline(always)]
-        unsafe fn load_activation(block: &Q8_0) -> Activation {
-            let values = _mm256_loadu_si256(block.qs.as_ptr().cast());
-            let offset = dot_u8_i8(_mm256_set1_epi8(16), values);
-            Activation { values, scale: _mm256_set1_ps(block.d.to_f32()), offset }
-        }
-
-        #[inline(always)]
-        unsafe fn accumulate(acc: __m256, w: Weight, a: Activation) -> __m256 {
-            let sums = _mm256_sub_epi32(dot_u8_i8(w.values, a.values), a.offset);
+            let sums = if VNNI {
+                _mm256_dpbusd_epi32(a.offset, w.values, a.values)
+            } else {
+                _mm256_sub_epi32(dot_u8_i8(w.values, a.values), a.offset)
+            };
             _mm256_fmadd_ps(_mm256_mul_ps(w.scale, a.scale), _mm256_cvtepi32_ps(sums), acc)
         }
     }
@@ -270,7 +250,7 @@ pub(super) mod x86 {
 
         #[inline(always)]
         unsafe fn accumulate(acc: __m256, w: Weight, a: Activation) -> __m256 {
-            Q5_0Vnni::accumulate(acc, w, a)
+            Q5_0Tile::<true>::accumulate(acc, w, a)
         }
     }
 
@@ -330,27 +310,11 @@ pub(super) mod x86 {
         sum: __m256,
     }
 
-    #[inline(always)]
-    unsafe fn load_q4_1(block: &Q4_1) -> OffsetWeight {
-        OffsetWeight {
-            values: nibbles(&block.qs),
-            scale: _mm256_set1_ps(block.d.to_f32()),
-            min: _mm256_set1_ps(block.m.to_f32()),
-        }
-    }
+    /// Q4_1 weights against Q8_1 activations, with `vpdpbusd` where `VNNI` is set and AVX2's
+    /// `vpmaddubsw` otherwise.
+    struct Q4_1Tile<const VNNI: bool>;
 
-    #[inline(always)]
-    unsafe fn load_q8_1(block: &Q8_1) -> SummedActivation {
-        SummedActivation {
-            values: _mm256_loadu_si256(block.qs.as_ptr().cast()),
-            scale: _mm256_set1_ps(block.d.to_f32()),
-            sum: _mm256_castps128_ps256(_mm_set_ss(block.s.to_f32())),
-        }
-    }
-
-    struct Q4_1Vnni;
-
-    impl TileKernel for Q4_1Vnni {
+    impl<const VNNI: bool> TileKernel for Q4_1Tile<VNNI> {
         type Weight = Q4_1;
         type Activation = Q8_1;
         type LoadedWeight = OffsetWeight;
@@ -358,43 +322,29 @@ pub(super) mod x86 {
 
         #[inline(always)]
         unsafe fn load_weight(block: &Q4_1) -> OffsetWeight {
-            load_q4_1(block)
+            OffsetWeight {
+                values: nibbles(&block.qs),
+                scale: _mm256_set1_ps(block.d.to_f32()),
+                min: _mm256_set1_ps(block.m.to_f32()),
+            }
         }
 
         #[inline(always)]
         unsafe fn load_activation(block: &Q8_1) -> SummedActivation {
-            load_q8_1(block)
+            SummedActivation {
+                values: _mm256_loadu_si256(block.qs.as_ptr().cast()),
+                scale: _mm256_set1_ps(block.d.to_f32()),
+                sum: _mm256_castps128_ps256(_mm_set_ss(block.s.to_f32())),
+            }
         }
 
         #[inline(always)]
         unsafe fn accumulate(acc: __m256, w: OffsetWeight, a: SummedActivation) -> __m256 {
-            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.values, a.values);
-            let acc = _mm256_fmadd_ps(_mm256_mul_ps(w.scale, a.scale), _mm256_cvtepi32_ps(sums), acc);
-            _mm256_fmadd_ps(w.min, a.sum, acc)
-        }
-    }
-
-    struct Q4_1Avx2;
-
-    impl TileKernel for Q4_1Avx2 {
-        type Weight = Q4_1;
-        type Activation = Q8_1;
-        type LoadedWeight = OffsetWeight;
-        type LoadedActivation = SummedActivation;
-
-        #[inline(always)]
-        unsafe fn load_weight(block: &Q4_1) -> OffsetWeight {
-            load_q4_1(block)
-        }
-
-        #[inline(always)]
-        unsafe fn load_activation(block: &Q8_1) -> SummedActivation {
-            load_q8_1(block)
-        }
-
-        #[inline(always)]
-        unsafe fn accumulate(acc: __m256, w: OffsetWeight, a: SummedActivation) -> __m256 {
-            let sums = dot_u8_i8(w.values, a.values);
+            let sums = if VNNI {
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.values, a.values)
+            } else {
+                dot_u8_i8(w.values, a.values)
+            };
             let acc = _mm256_fmadd_ps(_mm256_mul_ps(w.scale, a.scale), _mm256_cvtepi32_ps(sums), acc);
             _mm256_fmadd_ps(w.min, a.sum, acc)
         }
@@ -475,12 +425,12 @@ pub(super) mod x86 {
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
     pub(super) unsafe fn q5_0_vnni(weights: &[Q5_0], activations: &[Q8_0], shape: Shape, out: &mut [f32]) {
-        tiles::<Q5_0Vnni, 4, 4>(weights, activations, shape, out)
+        tiles::<Q5_0Tile<true>, 4, 4>(weights, activations, shape, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn q5_0_avx2(weights: &[Q5_0], activations: &[Q8_0], shape: Shape, out: &mut [f32]) {
-        tiles::<Q5_0Avx2, 2, 4>(weights, activations, shape, out)
+        tiles::<Q5_0Tile<false>, 2, 4>(weights, activations, shape, out)
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
@@ -495,12 +445,12 @@ pub(super) mod x86 {
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
     pub(super) unsafe fn q4_1_vnni(weights: &[Q4_1], activations: &[Q8_1], shape: Shape, out: &mut [f32]) {
-        tiles::<Q4_1Vnni, 4, 4>(weights, activations, shape, out)
+        tiles::<Q4_1Tile<true>, 4, 4>(weights, activations, shape, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn q4_1_avx2(weights: &[Q4_1], activations: &[Q8_1], shape: Shape, out: &mut [f32]) {
-        tiles::<Q4_1Avx2, 2, 4>(weights, activations, shape, out)
+        tiles::<Q4_1Tile<false>, 2, 4>(weights, activations, shape, out)
     }
 }
 

@@ -1,13 +1,20 @@
 //! Sentence embeddings with the bundled MiniLM encoder, one input at a time against batches of
 //! 8 and 32 (the encoder's batch size), on short product reviews written for this benchmark.
+//! The `worker` group sends 16 one-sentence requests at once through the encoder's worker,
+//! which merges them into one forward pass, against the same requests one after another.
 //!
 //! Throughput is in sentences. Run with `cargo bench --bench encoder`; BENCHMARKS.md records
 //! the figures.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tierd::classify::encoder::SentenceEncoder;
+use tierd::classify::encoder::{PassLimits, SentenceEncoder};
+use tierd::classify::encoder_worker::{BatchSettings, EncoderWorker};
+
+/// Requests in flight at once in the `worker` group.
+const CONCURRENT_REQUESTS: usize = 16;
 
 const SENTENCES: [&str; 8] = [
     "The battery lasts two days and the screen is bright and sharp.",
@@ -42,6 +49,39 @@ fn bench_encoder(c: &mut Criterion) {
             b.iter(|| encoder.embed(&inputs[..batch]).expect("embed"))
         });
     }
+    group.finish();
+
+    // The worker gets its own copy of the model.
+    let settings = BatchSettings {
+        queue_capacity: 256,
+        window: Duration::ZERO,
+        limits: PassLimits::default(),
+    };
+    let worker = EncoderWorker::spawn("bench", SentenceEncoder::load(&dir).expect("load encoder"), &settings, None)
+        .expect("spawn worker");
+    let requests: Vec<Vec<Vec<u32>>> = inputs[..CONCURRENT_REQUESTS].iter().map(|ids| vec![ids.clone()]).collect();
+    let mut group = c.benchmark_group("all-minilm-l6-v2-worker");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(CONCURRENT_REQUESTS as u64));
+    group.bench_function(format!("requests_{CONCURRENT_REQUESTS}_one_by_one"), |b| {
+        b.iter(|| {
+            for request in &requests {
+                let reply = worker.submit(request.clone()).expect("queue has room");
+                reply.blocking_recv().expect("a reply").expect("embeddings");
+            }
+        })
+    });
+    group.bench_function(format!("requests_{CONCURRENT_REQUESTS}_at_once"), |b| {
+        b.iter(|| {
+            let replies: Vec<_> = requests
+                .iter()
+                .map(|request| worker.submit(request.clone()).expect("queue has room"))
+                .collect();
+            for reply in replies {
+                reply.blocking_recv().expect("a reply").expect("embeddings");
+            }
+        })
+    });
     group.finish();
 }
 

@@ -471,7 +471,7 @@ async fn serve(mut policy: Policy, source: Option<ConfigSource>) -> anyhow::Resu
     tracing::info!(%address, models = models.len(), "listening; loading models");
 
     let queue_capacity = config.server.queue_capacity;
-    let encoder_queue_capacity = config.server.encoder_queue_capacity;
+    let encoder_batching = config.server.encoder_batching();
     let labels = LabelBounds::new(
         models
             .iter()
@@ -539,7 +539,8 @@ async fn serve(mut policy: Policy, source: Option<ConfigSource>) -> anyhow::Resu
         loader_state.registry.store(Some(registry.clone()));
         tracing::info!("all models loaded");
 
-        match load_tasks(tasks, &encoders, &registry, encoder_queue_capacity, None) {
+        let metrics = Some(loader_state.audit.metrics.as_ref());
+        match load_tasks(tasks, &encoders, &registry, &encoder_batching, metrics, None) {
             Ok(tasks) => {
                 if let Err(error) = loader_state.policy().check_route_tasks(&tasks) {
                     tracing::error!(%error, "invalid route; exiting");

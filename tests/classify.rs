@@ -60,10 +60,14 @@ kind = "llm_labels"
 model = "smollm2-135m-instruct"
 "#;
 
+/// The encoder's batching window in microseconds: long enough that concurrent requests from
+/// the tests are merged even on a busy machine.
+const BATCH_WINDOW_US: u64 = 20_000;
+
 fn server() -> &'static Server {
     own_server("classify", || {
         format!(
-            "[server]\nqueue_capacity = 8\n\n{}\n{}\n{}\n{TASKS}",
+            "[server]\nqueue_capacity = 8\nencoder_batch_window_us = {BATCH_WINDOW_US}\n\n{}\n{}\n{}\n{TASKS}",
             model_table(QWEN, None),
             model_table(SMOLLM, None),
             model_table(GEMMA, Some(GEMMA_CONTEXT)),
@@ -269,6 +273,100 @@ async fn parallel_requests_all_answered() {
             assert!(difference < 1e-5, "{a} vs {b}");
         }
     }
+}
+
+/// Distinct intent requests, so that a result given to the wrong request shows.
+const INTENT_REQUESTS: [&[&str]; 8] = [
+    &["book a table for two tonight"],
+    &["what's my account balance", "play some jazz"],
+    &["please transfer 100 dollars from checking to savings"],
+    &["what's the weather like tomorrow"],
+    &["set an alarm for seven in the morning", "how do I say thank you in french"],
+    &["my card was declined at the store"],
+    &["tell me a joke"],
+    &["cancel my reservation at the italian place for friday evening"],
+];
+
+/// Largest score difference allowed between a request classified alone and merged with
+/// others. A merged batch is padded to a different width, which changes the order of float32
+/// additions in the encoder, so the scores agree to rounding and not bit for bit.
+const MERGED_TOLERANCE: f64 = 1e-5;
+
+/// Compares two `/v1/classify` responses for the same inputs: the same labels, and every
+/// label's score within [`MERGED_TOLERANCE`].
+fn assert_same_results(merged: &Value, alone: &Value) {
+    assert_eq!(labels(merged), labels(alone), "labels of {merged} and {alone}");
+    let merged = merged["results"].as_array().expect("results");
+    let alone = alone["results"].as_array().expect("results");
+    assert_eq!(merged.len(), alone.len());
+    for (a, b) in merged.iter().zip(alone) {
+        let scores = a["scores"].as_object().expect("scores");
+        for (label, score) in scores {
+            let expected = b["scores"][label].as_f64().expect("the same labels");
+            let difference = (score.as_f64().expect("score") - expected).abs();
+            assert!(difference < MERGED_TOLERANCE, "score of {label} differs by {difference}: {a} vs {b}");
+        }
+    }
+}
+
+/// Reads `metric` (a histogram's `_sum` or `_count`) of the MiniLM encoder from `/metrics`.
+async fn encoder_metric(metric: &str) -> f64 {
+    let reply = get(server(), "/metrics").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let prefix = format!("{metric}{{encoder=\"all-minilm-l6-v2\"}} ");
+    reply
+        .text
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} line in /metrics:\n{}", reply.text))
+        .parse()
+        .expect("a number")
+}
+
+#[tokio::test]
+async fn concurrent_requests_match_alone() {
+    let mut alone = Vec::new();
+    for texts in INTENT_REQUESTS {
+        alone.push(classify("intent", json!(texts)).await);
+    }
+    let merged = futures::future::join_all(INTENT_REQUESTS.iter().map(|texts| classify("intent", json!(texts)))).await;
+    for (merged, alone) in merged.iter().zip(&alone) {
+        assert_same_results(merged, alone);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_requests_are_merged() {
+    let runs_before = encoder_metric("tierd_encoder_batch_requests_count").await;
+    let requests_before = encoder_metric("tierd_encoder_batch_requests_sum").await;
+    futures::future::join_all(INTENT_REQUESTS.iter().map(|texts| classify("intent", json!(texts)))).await;
+    let runs = encoder_metric("tierd_encoder_batch_requests_count").await - runs_before;
+    let requests = encoder_metric("tierd_encoder_batch_requests_sum").await - requests_before;
+    // Other tests of this binary may embed at the same time, so the counts are bounds.
+    assert!(requests >= INTENT_REQUESTS.len() as f64, "{requests} requests embedded");
+    assert!(runs < requests, "{requests} requests in {runs} runs: none were merged");
+    let passes = encoder_metric("tierd_encoder_batch_sequences_count").await;
+    let sequences = encoder_metric("tierd_encoder_batch_sequences_sum").await;
+    assert!(sequences > passes, "{sequences} sequences in {passes} forward passes");
+}
+
+#[tokio::test]
+async fn bad_request_fails_alone() {
+    let good = INTENT_REQUESTS.iter().map(|texts| async move {
+        post(server(), "/v1/classify", &json!({"task": "intent", "input": texts})).await
+    });
+    let bad = [
+        json!({"task": "intent", "input": ["play some jazz", ""]}),
+        json!({"task": "intent", "input": ["\u{200b}\u{200d}"]}),
+    ];
+    let bad = bad.iter().map(|body| post(server(), "/v1/classify", body));
+    let (good, bad) = futures::future::join(futures::future::join_all(good), futures::future::join_all(bad)).await;
+    for (reply, texts) in good.iter().zip(INTENT_REQUESTS) {
+        assert_eq!(reply.status, StatusCode::OK, "{texts:?}: {}", reply.text);
+        assert_eq!(reply.json()["results"].as_array().expect("results").len(), texts.len());
+    }
+    assert_api_error(&bad[0], StatusCode::BAD_REQUEST, "invalid_request_error", Some("input[1]"), "empty");
+    assert_api_error(&bad[1], StatusCode::BAD_REQUEST, "invalid_request_error", Some("input[0]"), "invisible");
 }
 
 #[test]

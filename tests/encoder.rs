@@ -6,9 +6,12 @@
 //! all-MiniLM-L6-v2 (0.6660, 0.1046, 0.1411 for its three example sentences).
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
+use prometheus::{Histogram, HistogramOpts};
 use serde_json::Value;
-use tierd::classify::encoder::SentenceEncoder;
+use tierd::classify::encoder::{PassLimits, SentenceEncoder};
+use tierd::classify::encoder_worker::{BatchHistograms, BatchSettings, EncoderWorker};
 
 /// Largest difference allowed per embedding value. tierd runs in float32 and the reference in
 /// float64; the observed gap is far smaller, and a wrong GELU, pooling or mask moves values by
@@ -24,6 +27,42 @@ fn encoder() -> SentenceEncoder {
     );
     SentenceEncoder::load(&dir).expect("load the encoder")
 }
+
+/// Starts a worker on the real encoder that waits up to `window` to fill a forward pass, with
+/// histograms to read its batch sizes from.
+fn worker(window: Duration) -> (EncoderWorker, BatchHistograms) {
+    worker_with_queue(window, 16)
+}
+
+fn worker_with_queue(window: Duration, queue_capacity: usize) -> (EncoderWorker, BatchHistograms) {
+    let histogram = |name: &str| Histogram::with_opts(HistogramOpts::new(name, "test")).expect("histogram");
+    let histograms = BatchHistograms {
+        requests: histogram("requests"),
+        sequences: histogram("sequences"),
+    };
+    let settings = BatchSettings {
+        queue_capacity,
+        window,
+        limits: PassLimits::default(),
+    };
+    let worker = EncoderWorker::spawn("test", encoder(), &settings, Some(histograms.clone())).expect("spawn worker");
+    (worker, histograms)
+}
+
+/// Largest difference between two sets of embeddings of the same inputs.
+fn largest_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "embedding count");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max)
+}
+
+/// Difference allowed between an input embedded alone and in a padded batch. The padded
+/// forward pass gives masked positions zero attention weight, but the matrix products run
+/// over a wider sequence, which changes the order of float32 additions, so the values agree
+/// to rounding and not bit for bit.
+const BATCH_TOLERANCE: f32 = 1e-5;
 
 fn reference() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/minilm.json");
@@ -118,4 +157,128 @@ fn truncate_keeps_separator() {
     SentenceEncoder::truncate(&mut ids, 4);
     assert_eq!(ids.len(), 4);
     assert_eq!(ids[3], sep);
+}
+
+#[test]
+fn worker_merges_waiting_requests() {
+    let (worker, histograms) = worker(Duration::from_millis(500));
+    let requests: Vec<Vec<&str>> = vec![
+        vec!["book a table for two tonight"],
+        vec!["what's my account balance", "play some jazz in the kitchen please"],
+        vec!["ok"],
+        vec!["a much longer request that pads every other input of the batch to its own width", "hi"],
+    ];
+    let tokenized: Vec<Vec<Vec<u32>>> = requests
+        .iter()
+        .map(|texts| texts.iter().map(|t| worker.encoder.tokenize(t).expect("tokenize")).collect())
+        .collect();
+    // Six inputs do not fill a forward pass, so the worker waits out the window and the four
+    // requests submitted meanwhile run together.
+    let receivers: Vec<_> = tokenized
+        .iter()
+        .map(|inputs| worker.submit(inputs.clone()).expect("queue has room"))
+        .collect();
+    for ((receiver, inputs), texts) in receivers.into_iter().zip(&tokenized).zip(&requests) {
+        let batched = receiver.blocking_recv().expect("a reply").expect("embeddings");
+        let alone = worker.encoder.embed(inputs).expect("embed alone");
+        let difference = largest_difference(&batched, &alone);
+        assert!(difference <= BATCH_TOLERANCE, "{texts:?}: batched and alone differ by {difference}");
+    }
+    assert_eq!(histograms.requests.get_sample_count(), 1, "runs of the encoder");
+    assert_eq!(histograms.requests.get_sample_sum(), 4.0, "requests in the run");
+    assert_eq!(histograms.sequences.get_sample_count(), 1, "forward passes");
+    assert_eq!(histograms.sequences.get_sample_sum(), 6.0, "sequences in the pass");
+}
+
+#[test]
+fn worker_keeps_errors_per_request() {
+    let (worker, histograms) = worker(Duration::from_millis(500));
+    let good = |text: &str| vec![worker.encoder.tokenize(text).expect("tokenize")];
+    let mut outside_vocabulary = good("transfer money to savings");
+    outside_vocabulary[0][1] = worker.encoder.vocab_size as u32 + 5;
+    let too_long = vec![vec![101; worker.encoder.max_tokens + 1]];
+    let jobs = [
+        good("what's the weather tomorrow"),
+        outside_vocabulary,
+        good("cancel my order"),
+        too_long,
+    ];
+    let receivers: Vec<_> = jobs
+        .iter()
+        .map(|inputs| worker.submit(inputs.clone()).expect("queue has room"))
+        .collect();
+    let replies: Vec<_> = receivers
+        .into_iter()
+        .map(|receiver| receiver.blocking_recv().expect("a reply"))
+        .collect();
+
+    for index in [0, 2] {
+        let embeddings = replies[index].as_ref().expect("the good request is embedded");
+        let alone = worker.encoder.embed(&jobs[index]).expect("embed alone");
+        let difference = largest_difference(embeddings, &alone);
+        assert!(difference <= BATCH_TOLERANCE, "request {index} differs by {difference}");
+    }
+    let vocabulary_error = replies[1].as_ref().expect_err("an id outside the vocabulary").to_string();
+    assert!(vocabulary_error.contains("outside the vocabulary"), "{vocabulary_error}");
+    let length_error = replies[3].as_ref().expect_err("an input over the position limit").to_string();
+    assert!(length_error.contains("at most 512"), "{length_error}");
+    // The two bad requests are answered before the run, so only the good ones are counted.
+    assert_eq!(histograms.requests.get_sample_count(), 1, "runs of the encoder");
+    assert_eq!(histograms.requests.get_sample_sum(), 2.0, "requests in the run");
+}
+
+#[test]
+fn full_pass_skips_window() {
+    let window = Duration::from_secs(5);
+    let (worker, histograms) = worker(window);
+    let inputs: Vec<Vec<u32>> = (0..PassLimits::default().max_sequences)
+        .map(|i| worker.encoder.tokenize(&format!("review number {i} of the product")).expect("tokenize"))
+        .collect();
+    let started = Instant::now();
+    let receiver = worker.submit(inputs).expect("queue has room");
+    receiver.blocking_recv().expect("a reply").expect("embeddings");
+    let elapsed = started.elapsed();
+    assert!(elapsed < window, "a request that fills a pass waited {elapsed:?}");
+    assert_eq!(histograms.sequences.get_sample_sum(), 32.0, "sequences in the pass");
+}
+
+#[test]
+fn token_bound_splits_passes() {
+    let encoder = encoder();
+    let inputs: Vec<Vec<u32>> = ["short", "a somewhat longer sentence with more tokens in it", "mid length text", "ok"]
+        .iter()
+        .map(|t| encoder.tokenize(t).expect("tokenize"))
+        .collect();
+    let tight = PassLimits {
+        max_sequences: 32,
+        max_tokens: 12,
+    };
+    let split = encoder.embed_with(&inputs, tight).expect("embed in small passes");
+    let whole = encoder.embed(&inputs).expect("embed in one pass");
+    let difference = largest_difference(&split, &whole);
+    assert!(difference <= BATCH_TOLERANCE, "split and whole passes differ by {difference}");
+}
+
+#[test]
+fn full_queue_rejects_request() {
+    let (worker, _) = worker_with_queue(Duration::ZERO, 1);
+    // 256 inputs are as many as one run gathers, so the worker takes no other job with them.
+    let busy: Vec<Vec<u32>> = (0..256)
+        .map(|i| worker.encoder.tokenize(&format!("review {i}: it works, but the battery is weak")).expect("tokenize"))
+        .collect();
+    let one = vec![worker.encoder.tokenize("hello").expect("tokenize")];
+    let first = worker.submit(busy).expect("the empty queue takes the first job");
+    let started = Instant::now();
+    while worker.queue_depth() > 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the worker never took the first job");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The worker is busy with the first job: the second waits in the queue of one, and the
+    // third finds it full.
+    let second = worker.submit(one.clone()).expect("the queue has room for one");
+    let full = worker.submit(one).expect_err("the queue is full");
+    assert_eq!(full.capacity, 1);
+    assert_eq!(full.model, "test");
+    first.blocking_recv().expect("a reply").expect("embeddings");
+    second.blocking_recv().expect("a reply").expect("embeddings");
 }

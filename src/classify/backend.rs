@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::encoder::{ClassifyQueueError, EncoderWorker, SentenceEncoder};
+use super::encoder::SentenceEncoder;
+use super::encoder_worker::{ClassifyQueueError, EncoderWorker};
 use super::head::Head;
 use super::label_scoring::LabelSet;
 use super::prompt::PromptTemplate;

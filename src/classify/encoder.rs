@@ -2,21 +2,57 @@
 //! the sentence embedding (the all-MiniLM-L6-v2 recipe).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use tokenizers::Tokenizer;
-use tokio::sync::oneshot;
 
-use crate::engine::queue::{job_queue, JobQueue};
-use crate::engine::QueueFull;
+/// Bounds of one forward pass of the encoder, a padded batch of token sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassLimits {
+    /// Sequences in one pass.
+    pub max_sequences: usize,
+    /// Padded tokens in one pass: the sequences times the longest of them. A single sequence
+    /// longer than this still runs, alone.
+    pub max_tokens: usize,
+}
 
-/// Sequences run through the encoder in one padded batch. Inputs are sorted by length first,
-/// so padding stays small.
-const BATCH_SIZE: usize = 32;
+impl Default for PassLimits {
+    /// 32 sequences, and 8,192 tokens, which is 32 inputs of the default task limit of 256
+    /// tokens, so the token bound only splits batches of longer inputs.
+    fn default() -> Self {
+        Self {
+            max_sequences: 32,
+            max_tokens: 8192,
+        }
+    }
+}
+
+/// Groups inputs of the given token `lengths` into forward passes within `limits`, shortest
+/// first, so that inputs of similar length share a pass and padding stays small. Returns the
+/// input indices of each pass.
+pub fn plan_passes(lengths: &[usize], limits: PassLimits) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+
+    let mut passes: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for index in order {
+        // Sorted ascending, so this input sets the padded width of the pass it joins.
+        let padded = (current.len() + 1) * lengths[index];
+        let full = current.len() >= limits.max_sequences || padded > limits.max_tokens;
+        if full && !current.is_empty() {
+            passes.push(std::mem::take(&mut current));
+        }
+        current.push(index);
+    }
+    if !current.is_empty() {
+        passes.push(current);
+    }
+    passes
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EncoderError {
@@ -41,6 +77,8 @@ pub enum EncoderError {
     },
     #[error("failed to tokenize input: {0}")]
     Tokenize(String),
+    #[error("invalid encoder input: {0}")]
+    InvalidInput(String),
     #[error("encoder forward pass failed: {0}")]
     Forward(#[from] candle_core::Error),
     #[error("the encoder thread has stopped")]
@@ -55,6 +93,8 @@ pub struct SentenceEncoder {
     pub dim: usize,
     /// Position embeddings in the model: the longest input it accepts, in tokens.
     pub max_tokens: usize,
+    /// Token ids are below this.
+    pub vocab_size: usize,
     pub load_time: Duration,
 }
 
@@ -78,11 +118,12 @@ impl SentenceEncoder {
             })?;
         let dim = settings["hidden_size"].as_u64().unwrap_or(0) as usize;
         let max_tokens = settings["max_position_embeddings"].as_u64().unwrap_or(0) as usize;
+        let vocab_size = settings["vocab_size"].as_u64().unwrap_or(0) as usize;
         // Three positions hold [CLS], one token and [SEP].
-        if dim == 0 || max_tokens < 3 {
+        if dim == 0 || max_tokens < 3 || vocab_size == 0 {
             return Err(EncoderError::InvalidConfig {
                 path: config_path,
-                message: "`hidden_size` must be a positive integer and `max_position_embeddings` at least 3".into(),
+                message: "`hidden_size` and `vocab_size` must be positive integers and `max_position_embeddings` at least 3".into(),
             });
         }
 
@@ -123,6 +164,7 @@ impl SentenceEncoder {
             tokenizer,
             dim,
             max_tokens,
+            vocab_size,
             load_time: started.elapsed(),
         })
     }
@@ -145,28 +187,59 @@ impl SentenceEncoder {
         }
     }
 
-    /// Embeds tokenized inputs; returns one unit-length vector of `dim` values per input, in
-    /// input order.
+    /// Checks that the model can run `ids`: at least one token, at most `max_tokens`, and
+    /// every id inside the vocabulary.
+    pub fn check(&self, ids: &[u32]) -> Result<(), EncoderError> {
+        if ids.is_empty() {
+            return Err(EncoderError::InvalidInput("input has no tokens".into()));
+        }
+        if ids.len() > self.max_tokens {
+            return Err(EncoderError::InvalidInput(format!(
+                "input has {} tokens, the encoder accepts at most {}",
+                ids.len(),
+                self.max_tokens
+            )));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(EncoderError::InvalidInput(format!(
+                "token id {id} is outside the vocabulary of {} tokens",
+                self.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Embeds tokenized inputs in passes of the default [`PassLimits`]; returns one
+    /// unit-length vector of `dim` values per input, in input order.
     pub fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EncoderError> {
-        let mut order: Vec<usize> = (0..inputs.len()).collect();
-        order.sort_by_key(|&i| inputs[i].len());
+        self.embed_with(inputs, PassLimits::default())
+    }
+
+    /// Embeds tokenized inputs in passes within `limits`, in input order.
+    pub fn embed_with(&self, inputs: &[Vec<u32>], limits: PassLimits) -> Result<Vec<Vec<f32>>, EncoderError> {
+        for ids in inputs {
+            self.check(ids)?;
+        }
+        let lengths: Vec<usize> = inputs.iter().map(Vec::len).collect();
         let mut embeddings = vec![Vec::new(); inputs.len()];
-        for chunk in order.chunks(BATCH_SIZE) {
-            let batch: Vec<&[u32]> = chunk.iter().map(|&i| inputs[i].as_slice()).collect();
-            for (&index, embedding) in chunk.iter().zip(self.embed_batch(&batch)?) {
+        for pass in plan_passes(&lengths, limits) {
+            let batch: Vec<&[u32]> = pass.iter().map(|&i| inputs[i].as_slice()).collect();
+            for (&index, embedding) in pass.iter().zip(self.embed_batch(&batch)?) {
                 embeddings[index] = embedding;
             }
         }
         Ok(embeddings)
     }
 
-    fn embed_batch(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EncoderError> {
+    /// Runs one forward pass over `batch`, padded to its longest input, and returns the
+    /// embeddings in batch order. Each input must pass [`SentenceEncoder::check`].
+    pub fn embed_batch(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EncoderError> {
         let width = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
         if width == 0 {
             return Ok(vec![vec![0.0; self.dim]; batch.len()]);
         }
         if width > self.max_tokens {
-            return Err(EncoderError::Tokenize(format!(
+            return Err(EncoderError::InvalidInput(format!(
                 "input has {width} tokens, the encoder accepts at most {}",
                 self.max_tokens
             )));
@@ -193,127 +266,48 @@ impl SentenceEncoder {
     }
 }
 
-/// The embeddings of one job's inputs, in order, or why they could not be computed.
-type EmbedResult = Result<Vec<Vec<f32>>, EncoderError>;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-struct EncodeJob {
-    inputs: Vec<Vec<u32>>,
-    reply: oneshot::Sender<EmbedResult>,
-    span: tracing::Span,
-}
-
-/// Most inputs gathered from queued jobs into one run of the encoder; a single larger job
-/// still runs whole.
-const MAX_BATCH_INPUTS: usize = 256;
-
-/// Embeds the inputs of all `jobs` in one call and returns each job its share. When the
-/// combined call fails, each job runs alone, so every client gets the error of its own inputs.
-fn run_jobs(encoder: &SentenceEncoder, jobs: Vec<EncodeJob>) {
-    if jobs.is_empty() {
-        return;
-    }
-    if jobs.len() == 1 {
-        for job in jobs {
-            let _enter = job.span.enter();
-            // The receiver may have gone while the batch ran; nothing is owed to it.
-            let _ = job.reply.send(encoder.embed(&job.inputs));
-        }
-        return;
-    }
-    let combined: Vec<Vec<u32>> = jobs.iter().flat_map(|job| job.inputs.iter().cloned()).collect();
-    tracing::debug!(jobs = jobs.len(), inputs = combined.len(), "embedding queued jobs together");
-    match encoder.embed(&combined) {
-        Ok(embeddings) => {
-            let mut embeddings = embeddings.into_iter();
-            for job in jobs {
-                let share: Vec<Vec<f32>> = embeddings.by_ref().take(job.inputs.len()).collect();
-                let _ = job.reply.send(Ok(share));
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, jobs = jobs.len(), "combined encoder batch failed; running jobs one by one");
-            for job in jobs {
-                run_jobs(encoder, vec![job]);
-            }
+    fn limits(max_sequences: usize, max_tokens: usize) -> PassLimits {
+        PassLimits {
+            max_sequences,
+            max_tokens,
         }
     }
-}
 
-/// A loaded encoder with its own thread and bounded queue, shared by every task that uses it.
-/// Requests that wait while a batch runs are embedded together in the next one.
-pub struct EncoderWorker {
-    pub id: String,
-    pub encoder: Arc<SentenceEncoder>,
-    queue: JobQueue<EncodeJob>,
-}
-
-impl EncoderWorker {
-    pub fn spawn(id: &str, encoder: SentenceEncoder, capacity: usize) -> std::io::Result<Self> {
-        let encoder = Arc::new(encoder);
-        let (queue, receiver) = job_queue::<EncodeJob>(id, capacity);
-        let thread_encoder = encoder.clone();
-        std::thread::Builder::new()
-            .name(format!("encode-{id}"))
-            .spawn(move || {
-                while let Ok(first) = receiver.recv() {
-                    // Jobs that queued up while the previous batch ran are embedded together.
-                    let mut jobs = vec![first];
-                    let mut inputs = jobs[0].inputs.len();
-                    while inputs < MAX_BATCH_INPUTS {
-                        let Some(job) = receiver.try_recv() else {
-                            break;
-                        };
-                        inputs += job.inputs.len();
-                        jobs.push(job);
-                    }
-                    jobs.retain(|job| {
-                        let open = !job.reply.is_closed();
-                        if !open {
-                            let _enter = job.span.enter();
-                            tracing::info!("client left while queued, skipping");
-                        }
-                        open
-                    });
-                    run_jobs(&thread_encoder, jobs);
-                }
-            })?;
-        Ok(Self {
-            id: id.to_string(),
-            encoder,
-            queue,
-        })
+    #[test]
+    fn passes_sort_by_length() {
+        let passes = plan_passes(&[9, 3, 7, 5], limits(2, 1000));
+        assert_eq!(passes, [vec![1, 3], vec![2, 0]]);
     }
 
-    /// Queues `inputs` for embedding; fails at once with [`QueueFull`] when the queue is full.
-    pub fn submit(
-        &self,
-        inputs: Vec<Vec<u32>>,
-    ) -> Result<oneshot::Receiver<EmbedResult>, QueueFull> {
-        let (reply, receiver) = oneshot::channel();
-        let job = EncodeJob {
-            inputs,
-            reply,
-            span: tracing::Span::current(),
-        };
-        self.queue.push(job)?;
-        Ok(receiver)
+    #[test]
+    fn passes_respect_token_bound() {
+        // 3 + 3 fit in 6 padded tokens; a third input of 4 would pad the pass to 12.
+        let passes = plan_passes(&[3, 4, 3, 4], limits(32, 8));
+        assert_eq!(passes, [vec![0, 2], vec![1, 3]]);
+        for pass in &passes {
+            let width = pass.iter().map(|&i| [3, 4, 3, 4][i]).max().unwrap();
+            assert!(pass.len() * width <= 8, "{pass:?}");
+        }
     }
 
-    /// Embeds `inputs` on the encoder thread and waits for the result.
-    pub async fn embed(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, ClassifyQueueError> {
-        let receiver = self.submit(inputs).map_err(ClassifyQueueError::Full)?;
-        receiver
-            .await
-            .map_err(|_| ClassifyQueueError::Encoder(EncoderError::Stopped))?
-            .map_err(ClassifyQueueError::Encoder)
+    #[test]
+    fn long_input_runs_alone() {
+        let passes = plan_passes(&[2, 50, 2], limits(32, 10));
+        assert_eq!(passes, [vec![0, 2], vec![1]]);
     }
-}
 
-/// Failure of a queued encoder job.
-#[derive(Debug, thiserror::Error)]
-pub enum ClassifyQueueError {
-    #[error(transparent)]
-    Full(QueueFull),
-    #[error(transparent)]
-    Encoder(EncoderError),
+    #[test]
+    fn every_input_planned_once() {
+        let lengths: Vec<usize> = (0..100).map(|i| 3 + (i * 37) % 61).collect();
+        let passes = plan_passes(&lengths, limits(7, 300));
+        let mut seen: Vec<usize> = passes.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..100).collect::<Vec<_>>());
+        assert!(passes.iter().all(|pass| pass.len() <= 7));
+        assert!(plan_passes(&[], limits(7, 300)).is_empty());
+    }
 }

@@ -4,11 +4,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::encoder::{EncoderWorker, SentenceEncoder};
+use super::encoder::SentenceEncoder;
+use super::encoder_worker::{BatchSettings, EncoderWorker};
 use super::task::{Task, TaskResources};
 use super::task_config::{BackendConfig, TaskConfig};
 use super::TaskSet;
 use crate::config::EncoderConfig;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,12 +29,15 @@ pub enum SetupError {
 /// backends whose encoder, model or files are missing, with a warning, and is left out when
 /// none remains, so the server still starts on a partial set of models.
 ///
-/// An encoder that `previous` loaded from the same config is shared rather than loaded again.
+/// An encoder that `previous` loaded from the same config is shared rather than loaded again,
+/// with the batching it started with. `metrics`, when given, records each new encoder's
+/// batch sizes.
 pub fn load_tasks(
     tasks: Vec<TaskConfig>,
     encoders: &[EncoderConfig],
     registry: &Registry,
-    encoder_queue_capacity: usize,
+    batching: &BatchSettings,
+    metrics: Option<&Metrics>,
     previous: Option<&TaskSet>,
 ) -> Result<TaskSet, SetupError> {
     let mut tasks = tasks;
@@ -88,7 +93,9 @@ pub fn load_tasks(
                 load_ms = encoder.load_time.as_millis() as u64,
                 "encoder loaded"
             );
-            let worker = EncoderWorker::spawn(id, encoder, encoder_queue_capacity).map_err(|e| error(e.to_string()))?;
+            let histograms = metrics.map(|metrics| metrics.encoder_batches(id));
+            let worker =
+                EncoderWorker::spawn(id, encoder, batching, histograms).map_err(|e| error(e.to_string()))?;
             loaded_encoders.insert(id.clone(), Arc::new(worker));
             encoder_configs.push(config.clone());
         }

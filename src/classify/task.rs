@@ -10,7 +10,7 @@ use unicode_normalization::UnicodeNormalization;
 
 use super::backend::{Backend, BackendError, BackendOutput, HeadRunner, LlmRunner, PrepareError, PreparedInput, Runner};
 use super::dataset;
-use super::encoder::EncoderWorker;
+use super::encoder_worker::EncoderWorker;
 use super::fit::fit_head;
 use super::head::Head;
 use super::label_scoring::{LabelSet, LabelSetError};

@@ -68,7 +68,7 @@ pub fn load_task(config: &Config, task: TaskConfig) -> anyhow::Result<Arc<Task>>
     let mut task = task;
     // Offline commands need every backend, so a built-in task must load in full here too.
     task.builtin = false;
-    let tasks = load_tasks(vec![task], &encoders, &registry, config.server.encoder_queue_capacity, None)?;
+    let tasks = load_tasks(vec![task], &encoders, &registry, &config.server.encoder_batching(), None, None)?;
     let task = tasks.get(&name).with_context(|| format!("task `{name}` did not load"))?;
     Ok(task)
 }

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvError, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 #[error("The queue of model `{model}` is full ({capacity} requests waiting)")]
@@ -69,6 +70,14 @@ impl<J> JobReceiver<J> {
         Ok(job)
     }
 
+    /// Waits up to `timeout` for the next job; returns `None` when none came or every sender
+    /// is gone.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<J> {
+        let job = self.receiver.recv_timeout(timeout).ok()?;
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        Some(job)
+    }
+
     /// Returns a job that is already waiting, without blocking.
     pub fn try_recv(&self) -> Option<J> {
         let job = self.receiver.try_recv().ok()?;
@@ -94,6 +103,23 @@ mod tests {
         assert_eq!(queue.depth(), 1);
         assert_eq!(receiver.try_recv(), Some(2));
         assert_eq!(receiver.try_recv(), None);
+        assert_eq!(queue.depth(), 0);
+    }
+
+    #[test]
+    fn recv_timeout_waits_then_gives_up() {
+        let (queue, receiver) = job_queue::<u32>("m", 2);
+        let started = std::time::Instant::now();
+        assert_eq!(receiver.recv_timeout(Duration::from_millis(30)), None);
+        assert!(started.elapsed() >= Duration::from_millis(30), "{:?}", started.elapsed());
+
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            queue.push(7).unwrap();
+            queue
+        });
+        assert_eq!(receiver.recv_timeout(Duration::from_secs(10)), Some(7));
+        let queue = sender.join().unwrap();
         assert_eq!(queue.depth(), 0);
     }
 }

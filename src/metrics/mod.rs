@@ -2,8 +2,8 @@
 //!
 //! Request, token, cost, latency and escalation figures are taken from each finished audit
 //! record, so the counters and the audit trail count the same requests. Queue depths and the
-//! audit writer's lag are gauges, read when the metrics are scraped. `labels` bounds the label
-//! values that clients choose.
+//! audit writer's lag are gauges, read when the metrics are scraped. Each encoder's worker fills
+//! its batch-size histograms as it runs. `labels` bounds the label values that clients choose.
 
 pub mod config;
 pub mod labels;
@@ -16,6 +16,7 @@ use prometheus::{
 };
 
 use crate::audit::{AuditRecord, WriterStats};
+use crate::classify::encoder_worker::BatchHistograms;
 pub use config::MetricsConfig;
 pub use labels::LabelBounds;
 
@@ -27,6 +28,10 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const LATENCY_BUCKETS: [f64; 15] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
+
+/// Upper bounds of the encoder batch-size buckets: requests per run, or sequences per forward
+/// pass, up to the 256 inputs that one run gathers from waiting requests.
+const BATCH_SIZE_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// Labels of the request, token and cost counters.
 const REQUEST_LABELS: [&str; 5] = ["tier", "provider", "model", "task", "workflow"];
@@ -49,6 +54,8 @@ pub struct Metrics {
     audit_queue: IntGauge,
     audit_lag: prometheus::Gauge,
     audit_records: IntCounterVec,
+    encoder_batch_requests: HistogramVec,
+    encoder_batch_sequences: HistogramVec,
     /// Serializes scrapes, because copying the writer's totals into counters reads then adds.
     scrape: Mutex<()>,
 }
@@ -143,6 +150,22 @@ impl Metrics {
             "Audit records by outcome: written, dropped (queue full) or failed (store error).",
             &["outcome"],
         )?;
+        let batch_histogram = |name: &str, help: &str| -> Result<HistogramVec, prometheus::Error> {
+            let metric = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(BATCH_SIZE_BUCKETS.to_vec()),
+                &["encoder"],
+            )?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let encoder_batch_requests = batch_histogram(
+            "tierd_encoder_batch_requests",
+            "Classification requests embedded together in one run of a sentence encoder.",
+        )?;
+        let encoder_batch_sequences = batch_histogram(
+            "tierd_encoder_batch_sequences",
+            "Sequences in one forward pass of a sentence encoder.",
+        )?;
 
         Ok(Self {
             registry,
@@ -161,6 +184,8 @@ impl Metrics {
             audit_queue,
             audit_lag,
             audit_records,
+            encoder_batch_requests,
+            encoder_batch_sequences,
             scrape: Mutex::new(()),
         })
     }
@@ -214,6 +239,15 @@ impl Metrics {
             self.kept_local
                 .with_label_values(&[reason_label(reason), task, workflow])
                 .inc();
+        }
+    }
+
+    /// Returns the batch-size histograms of the encoder `encoder`, for its worker to fill.
+    pub fn encoder_batches(&self, encoder: &str) -> BatchHistograms {
+        let encoder = [self.labels.model(encoder)];
+        BatchHistograms {
+            requests: self.encoder_batch_requests.with_label_values(&encoder),
+            sequences: self.encoder_batch_sequences.with_label_values(&encoder),
         }
     }
 

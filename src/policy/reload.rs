@@ -162,7 +162,8 @@ fn load_changes(state: &AppState, running: &Policy, policy: &Policy) -> Result<(
         policy.tasks.clone(),
         &policy.encoders,
         &registry,
-        server.encoder_queue_capacity,
+        &server.encoder_batching(),
+        Some(state.audit.metrics.as_ref()),
         Some(&tasks),
     )
     .map_err(|e| e.to_string())?;

@@ -174,8 +174,16 @@ fn close(shared: &Shared) {
         }
     };
     shared.remaining.fetch_sub(unclaimed, Ordering::AcqRel);
+    // A worker may have been preempted in the middle of its task: yielding now and then gives
+    // it this core back on a machine with more runnable threads than cores.
+    let mut spins = 0u32;
     while shared.remaining.load(Ordering::Acquire) > 0 {
-        std::hint::spin_loop();
+        spins += 1;
+        if spins % 64 == 0 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
     shared.job.store(std::ptr::null_mut(), Ordering::Release);
 }

@@ -14,6 +14,7 @@ pub mod gemm_kquant;
 pub mod gelu;
 mod layout;
 pub mod qmatmul;
+mod spin_pool;
 
 pub use qmatmul::QWeight;
 

@@ -9,7 +9,7 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::activation::ActivationBlock;
-use super::{gemm, gemm_kquant};
+use super::{gemm, gemm_kquant, spin_pool};
 
 /// Weight rows handed to one parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -267,18 +267,41 @@ fn run_kernels(kernels: &[RowKernel], rows: &[usize], m: usize) -> Vec<Vec<f32>>
             tasks.push((weight, first_row, ROWS_PER_TASK.min(rows - first_row)));
         }
     }
-    tasks.into_par_iter().for_each_init(Vec::new, |local, (weight, first_row, count)| {
-        // Kernels fill a weight-row-major block, each weight row's `m` values together;
-        // it is then spread into the output's columns.
+    // Kernels fill a weight-row-major block, each weight row's `m` values together; it is then
+    // spread into the output's columns.
+    let run_task = |local: &mut Vec<f32>, &(weight, first_row, count): &(usize, usize, usize)| {
         local.clear();
         local.resize(count * m, 0f32);
         kernels[weight](first_row, local);
         // SAFETY: the tasks cover disjoint row ranges of each weight, so no two tasks write
         // the same output column.
         unsafe { outputs[weight].write(first_row, local) };
-    });
+    };
+    // Decode-sized products go to the spinning pool, in a few contiguous runs of tasks per
+    // thread. Prompts stay on rayon, which the rest of a prompt's work also uses.
+    let mut done = false;
+    if m < PARALLEL_QUANTIZE_ROWS {
+        let per_run = tasks.len().div_ceil(rayon::current_num_threads() * RUNS_PER_THREAD).max(1);
+        let runs: Vec<&[(usize, usize, usize)]> = tasks.chunks(per_run).collect();
+        done = spin_pool::run(runs.len(), &|run| {
+            LOCAL.with_borrow_mut(|local| runs[run].iter().for_each(|task| run_task(local, task)));
+        });
+    }
+    if !done {
+        tasks.par_iter().for_each_init(Vec::new, run_task);
+    }
     drop(outputs);
     buffers
+}
+
+/// Runs of tasks per thread when a decode-sized product goes to the spinning pool: enough
+/// that a thread slowed by other work does not hold the rest back, few enough that claiming
+/// them costs little.
+const RUNS_PER_THREAD: usize = 8;
+
+thread_local! {
+    /// A kernel's weight-row-major output block, reused across the tasks of the spinning pool.
+    static LOCAL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The `(m, rows)` output of one weight, shared by parallel tasks that each write the columns

@@ -12,6 +12,7 @@ use crate::classify::TaskConfig;
 use crate::audit::config::{AuditConfig, PricingConfig};
 use crate::budget::WorkflowConfig;
 use crate::client_keys::ClientKeyConfig;
+use crate::engine::PromptCacheConfig;
 use crate::metrics::MetricsConfig;
 use crate::manifest::{Manifest, ManifestError, ModelSource};
 use crate::providers::{validate_providers, ProviderConfig};
@@ -103,6 +104,8 @@ pub struct ServerConfig {
     /// How often the config file is checked for changes, in milliseconds; 0 reloads it only on
     /// SIGHUP.
     pub config_poll_ms: u64,
+    /// Reuse of the KV caches of earlier requests that share a prompt prefix.
+    pub prompt_cache: PromptCacheConfig,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +121,7 @@ impl Default for ServerConfig {
             encoder_batch_tokens: PassLimits::default().max_tokens,
             default_max_tokens: 512,
             config_poll_ms: 1000,
+            prompt_cache: PromptCacheConfig::default(),
         }
     }
 }
@@ -249,6 +253,8 @@ impl Config {
                 server.encoder_batch_window_us
             )));
         }
+
+        server.prompt_cache.validate().map_err(ConfigError::Invalid)?;
 
         let mut seen = std::collections::HashSet::new();
         for model in &models {
@@ -455,6 +461,20 @@ mod tests {
     }
 
     #[test]
+    fn prompt_cache_settings_are_read() {
+        let config = parse("[server.prompt_cache]\nmax_bytes = 1024\nmin_tokens = 8\n");
+        let cache = &config.server.prompt_cache;
+        assert!(cache.enabled);
+        assert_eq!(cache.max_bytes, 1024);
+        assert_eq!(cache.min_tokens, 8);
+        assert!(cache.include_completion);
+
+        let config = parse("[server.prompt_cache]\nenabled = false\n[[model]]\nid = \"m\"\npath = \"m.gguf\"\n");
+        assert!(!config.server.prompt_cache.enabled);
+        assert!(config.resolved_models().is_ok());
+    }
+
+    #[test]
     fn batch_settings_come_from_server() {
         let config = parse("[server]\nencoder_batch_window_us = 2500\nencoder_batch_size = 8\nencoder_batch_tokens = 512\n");
         let settings = config.server.encoder_batching();
@@ -462,6 +482,13 @@ mod tests {
         assert_eq!(settings.limits.max_sequences, 8);
         assert_eq!(settings.limits.max_tokens, 512);
         assert_eq!(settings.queue_capacity, 256);
+    }
+
+    #[test]
+    fn zero_prompt_cache_min_tokens_is_rejected() {
+        let config = parse("[server.prompt_cache]\nmin_tokens = 0\n[[model]]\nid = \"m\"\npath = \"m.gguf\"\n");
+        let error = config.resolved_models().expect_err("zero min_tokens").to_string();
+        assert!(error.contains("prompt_cache.min_tokens"), "{error}");
     }
 
     #[test]

@@ -472,6 +472,7 @@ async fn serve(mut policy: Policy, source: Option<ConfigSource>) -> anyhow::Resu
 
     let queue_capacity = config.server.queue_capacity;
     let encoder_batching = config.server.encoder_batching();
+    let prompt_cache = config.server.prompt_cache.clone();
     let labels = LabelBounds::new(
         models
             .iter()
@@ -527,7 +528,7 @@ async fn serve(mut policy: Policy, source: Option<ConfigSource>) -> anyhow::Resu
         let _loading = loader_state.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut served = Vec::with_capacity(models.len());
         for model in &models {
-            match ServedModel::load(model, queue_capacity) {
+            match ServedModel::load(model, queue_capacity, &prompt_cache) {
                 Ok(loaded) => served.push(loaded),
                 Err(error) => {
                     tracing::error!(%error, "failed to load a model; exiting");

@@ -9,7 +9,7 @@ use tokenizers::Tokenizer;
 
 use crate::config::ModelConfig;
 use crate::engine::chat_template::GEMMA3_TEMPLATE;
-use crate::engine::{ChatMessage, ChatTemplate, ModelWorker};
+use crate::engine::{ChatMessage, ChatTemplate, ModelWorker, PromptCacheConfig};
 use crate::model::{Architecture, LoadedModel, ModelError};
 
 pub struct ServedModel {
@@ -70,8 +70,9 @@ pub fn model_file(config: &ModelConfig) -> Result<PathBuf, LoadError> {
 }
 
 impl ServedModel {
-    /// Loads the model's weights and tokenizer and starts its worker. Blocking.
-    pub fn load(config: &ModelConfig, queue_capacity: usize) -> Result<Self, LoadError> {
+    /// Loads the model's weights and tokenizer and starts its worker, with a queue of
+    /// `queue_capacity` requests and the prompt cache that `prompt_cache` sets. Blocking.
+    pub fn load(config: &ModelConfig, queue_capacity: usize, prompt_cache: &PromptCacheConfig) -> Result<Self, LoadError> {
         let id = config.id.clone();
         let path = model_file(config)?;
 
@@ -96,7 +97,7 @@ impl ServedModel {
         );
 
         let model = Arc::new(model);
-        let worker = ModelWorker::spawn(&id, model.clone(), queue_capacity)
+        let worker = ModelWorker::spawn(&id, model.clone(), queue_capacity, prompt_cache)
             .map_err(|source| LoadError::Worker { id: id.clone(), source })?;
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -192,6 +193,7 @@ impl Registry {
         previous_configs: &[ModelConfig],
         configs: &[ModelConfig],
         queue_capacity: usize,
+        prompt_cache: &PromptCacheConfig,
     ) -> Result<Self, LoadError> {
         let mut models = HashMap::new();
         let mut order = Vec::with_capacity(configs.len());
@@ -203,7 +205,7 @@ impl Registry {
             let model = match previous.get(&config.id) {
                 Some(model) if unchanged => model,
                 _ => {
-                    let model = ServedModel::load(config, queue_capacity)?;
+                    let model = ServedModel::load(config, queue_capacity, prompt_cache)?;
                     tracing::info!(model = %config.id, "model loaded by a config reload");
                     Arc::new(model)
                 }

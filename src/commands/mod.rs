@@ -59,7 +59,7 @@ pub fn load_task(config: &Config, task: TaskConfig) -> anyhow::Result<Arc<Task>>
             let Some(model_config) = models.iter().find(|m| &m.id == model) else {
                 bail!("task `{}` uses model `{model}`, which is not configured", task.name);
             };
-            served.push(ServedModel::load(model_config, config.server.queue_capacity)?);
+            served.push(ServedModel::load(model_config, config.server.queue_capacity, &config.server.prompt_cache)?);
         }
     }
     let registry = Registry::new(served);

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::prompt_cache::{PromptCache, Sequence};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{StopMatcher, StopOutcome};
 use crate::model::LoadedModel;
@@ -72,6 +73,8 @@ pub enum GenerationEvent {
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prompt cache.
+        cached_tokens: usize,
         completion_tokens: usize,
         timings: Timings,
     },
@@ -80,26 +83,47 @@ pub enum GenerationEvent {
 
 /// Runs one request to completion, sending events to `events`. Returns early, without error,
 /// when the receiver is gone (the client disconnected): at most one decode step runs after that.
+///
+/// With `prompt_cache`, the request starts from the longest stored prefix of its prompt, and
+/// its own tokens are stored afterwards, also when the client left early. A failed request
+/// stores nothing, because its cache may be half written.
 pub fn generate(
     model: &Arc<LoadedModel>,
     request: &GenerationRequest,
     queued_for: Duration,
     events: &mpsc::Sender<GenerationEvent>,
+    mut prompt_cache: Option<&mut PromptCache>,
 ) {
-    let result = run(model, request, queued_for, events);
-    if let Err(message) = result {
-        tracing::error!(request_id = %request.request_id, error = %message, "generation failed");
-        let _ = events.blocking_send(GenerationEvent::Failed(message));
+    let network = model.network.as_ref();
+    let prompt = &request.prompt_tokens;
+    let max_len = (prompt.len() + request.max_tokens).min(network.hparams().context_length);
+    let reused = prompt_cache
+        .as_deref_mut()
+        .and_then(|cache| cache.lookup(prompt, max_len));
+    let mut sequence = reused.unwrap_or_else(|| Sequence::new(network, max_len));
+
+    match run(model, request, &mut sequence, queued_for, events) {
+        Ok(()) => {
+            if let Some(cache) = prompt_cache {
+                cache.insert(sequence, prompt.len());
+            }
+        }
+        Err(message) => {
+            tracing::error!(request_id = %request.request_id, error = %message, "generation failed");
+            let _ = events.blocking_send(GenerationEvent::Failed(message));
+        }
     }
 }
 
+/// Generates after the tokens that `sequence` already holds, which must start the prompt.
 fn run(
     model: &Arc<LoadedModel>,
     request: &GenerationRequest,
+    sequence: &mut Sequence,
     queued_for: Duration,
     events: &mpsc::Sender<GenerationEvent>,
 ) -> Result<(), String> {
-    let network = &model.network;
+    let network = model.network.as_ref();
     let context = network.hparams().context_length;
     let prompt = &request.prompt_tokens;
     let mut timings = Timings {
@@ -109,17 +133,21 @@ fn run(
     if prompt.is_empty() {
         return Err("the prompt has no tokens".into());
     }
-
-    let max_len = (prompt.len() + request.max_tokens).min(context);
-    let mut cache = network.new_cache(max_len);
+    let cached_tokens = sequence.tokens.len();
+    if cached_tokens >= prompt.len() || !prompt.starts_with(&sequence.tokens) {
+        return Err(format!(
+            "the reused prefix of {cached_tokens} tokens does not start the prompt of {} tokens",
+            prompt.len()
+        ));
+    }
 
     let started = Instant::now();
     let mut logits = None;
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
+    for chunk in prompt[cached_tokens..].chunks(PREFILL_CHUNK) {
         if events.is_closed() {
             return Ok(());
         }
-        let output = network.forward(chunk, &mut cache).map_err(|e| e.to_string())?;
+        let output = sequence.forward(network, chunk).map_err(|e| e.to_string())?;
         logits = Some(output);
     }
     timings.prefill = started.elapsed();
@@ -186,8 +214,8 @@ fn run(
         if events.is_closed() {
             return Ok(());
         }
-        logits = network
-            .forward(&[token.id], &mut cache)
+        logits = sequence
+            .forward(network, &[token.id])
             .map_err(|e| e.to_string())?;
     }
 
@@ -213,6 +241,7 @@ fn run(
     let _ = events.blocking_send(GenerationEvent::Finished {
         reason,
         prompt_tokens: prompt.len(),
+        cached_tokens,
         completion_tokens,
         timings,
     });

@@ -1,8 +1,9 @@
-//! Text generation on loaded models: chat templates, sampling, stop strings, the decode loop
-//! and the per-model worker threads that run it.
+//! Text generation on loaded models: chat templates, sampling, stop strings, the decode loop,
+//! the per-model worker threads that run it and the prompt prefix cache each worker keeps.
 
 pub mod chat_template;
 pub mod generate;
+pub mod prompt_cache;
 pub mod sampler;
 pub mod stop;
 pub mod queue;
@@ -10,6 +11,7 @@ pub mod worker;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use generate::{FinishReason, GenerationEvent, GenerationRequest, TokenLogprob};
+pub use prompt_cache::{PromptCache, PromptCacheConfig, PromptCacheStats};
 pub use sampler::SamplingParams;
 pub use queue::QueueFull;
 pub use worker::ModelWorker;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::generate::{generate, GenerationEvent, GenerationRequest};
+use super::prompt_cache::{PromptCache, PromptCacheConfig, PromptCacheStats};
 use super::queue::{job_queue, JobQueue, QueueFull};
 use crate::classify::label_scoring::{score_prompt, LabelSet, PrefixCache, PromptScores};
 use crate::model::LoadedModel;
@@ -31,14 +32,26 @@ enum Job {
 /// Handle to a model's generation thread.
 pub struct ModelWorker {
     queue: JobQueue<Job>,
+    prompt_cache: Arc<PromptCacheStats>,
 }
 
 /// Events buffered between the generation thread and the HTTP response.
 const EVENT_BUFFER: usize = 64;
 
 impl ModelWorker {
-    pub fn spawn(model_id: &str, model: Arc<LoadedModel>, capacity: usize) -> std::io::Result<Self> {
+    /// Starts the generation thread of `model`, with a queue of `capacity` jobs and, when
+    /// `prompt_cache.enabled`, a prompt cache for its generation requests.
+    pub fn spawn(
+        model_id: &str,
+        model: Arc<LoadedModel>,
+        capacity: usize,
+        prompt_cache: &PromptCacheConfig,
+    ) -> std::io::Result<Self> {
         let (queue, receiver) = job_queue::<Job>(model_id, capacity);
+        let stats = Arc::new(PromptCacheStats::default());
+        let mut generation_cache = prompt_cache
+            .enabled
+            .then(|| PromptCache::new(prompt_cache.clone(), stats.clone()));
         std::thread::Builder::new()
             .name(format!("generate-{model_id}"))
             .spawn(move || {
@@ -59,7 +72,7 @@ impl ModelWorker {
                                 tracing::info!("client left while queued, skipping");
                                 continue;
                             }
-                            generate(&model, &request, enqueued.elapsed(), &events);
+                            generate(&model, &request, enqueued.elapsed(), &events, generation_cache.as_mut());
                         }
                         Job::Score {
                             prompts,
@@ -103,7 +116,10 @@ impl ModelWorker {
                     }
                 }
             })?;
-        Ok(Self { queue })
+        Ok(Self {
+            queue,
+            prompt_cache: stats,
+        })
     }
 
     /// Queues `request`; returns the stream of its events, or [`QueueFull`] at once when the
@@ -140,6 +156,11 @@ impl ModelWorker {
         };
         self.queue.push(job)?;
         Ok(receiver)
+    }
+
+    /// Counters of the prompt cache; they stay at zero when it is disabled.
+    pub fn prompt_cache_stats(&self) -> &PromptCacheStats {
+        &self.prompt_cache
     }
 
     /// Requests waiting for the generation thread, not counting the one it runs.

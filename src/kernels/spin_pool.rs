@@ -4,8 +4,9 @@
 //! A decode step runs four or five parallel products per layer, each taking tens of
 //! microseconds. Rayon's workers go to sleep between them, and waking them through the kernel
 //! cost about a tenth of a SmolLM2 step (perf: scheduler functions at 12 % of the samples).
-//! These workers instead spin for a short while after each job, so the next job starts without
-//! a system call, and park only when no job came for [`SPIN`].
+//! These workers instead keep polling (spinning and yielding) for a short while after each job,
+//! so the next job needs no wake-up through the kernel, and park only when no job came for
+//! [`SPIN`].
 //!
 //! One job runs at a time. A thread that finds the pool busy (two models decoding at once)
 //! gets `false` from [`run`] and runs its job elsewhere.
@@ -24,7 +25,7 @@ const ID_BITS: u32 = 24;
 const COUNT_BITS: u32 = 20;
 const INDEX_MASK: u64 = (1 << COUNT_BITS) - 1;
 
-/// The most tasks one job may have; [`run`] returns `false` for larger jobs.
+/// The maximum number of tasks per job. [`run`] returns `false` for larger jobs.
 pub const MAX_TASKS: usize = (1 << COUNT_BITS) - 1;
 
 /// The caller's closure with its lifetime erased. [`Pool::run`] keeps it alive until every
@@ -54,10 +55,11 @@ struct Pool {
 }
 
 /// Runs `task(i)` for every `i` in `0..tasks` on the calling thread and the pool's workers, and
-/// returns once all have finished. Returns `false`, running nothing, when the pool is busy with
-/// another job (two models decoding at once, or a task that submits a job), when the job has
-/// more than [`MAX_TASKS`] tasks, or when the pool has no workers (one thread); the caller then
-/// runs the tasks another way. A panic in a task is raised again here once the others finish.
+/// returns once all have finished. A panic in a task is raised again here once the others
+/// finish. Returns `false`, running nothing, in three cases: the pool is busy with another job
+/// (two models decoding at once, or a task that submits a job), the job has more than
+/// [`MAX_TASKS`] tasks, or the pool has no workers (one thread). The caller then runs the
+/// tasks another way.
 pub fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
     pool().is_some_and(|pool| pool.run(tasks, task))
 }
@@ -179,7 +181,7 @@ fn close(shared: &Shared) {
     let mut spins = 0u32;
     while shared.remaining.load(Ordering::Acquire) > 0 {
         spins += 1;
-        if spins % 64 == 0 {
+        if spins.is_multiple_of(64) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
@@ -193,7 +195,7 @@ fn worker(shared: &Shared) {
     loop {
         if let Some(index) = claim(shared) {
             let job = shared.job.load(Ordering::Acquire);
-            // SAFETY: this thread holds an unfinished task of the job, so `Pool::run` is still
+            // SAFETY: this thread has claimed an unfinished task of the job, so `Pool::run` is still
             // waiting in `close` and both the `Job` it points to and the closure are alive.
             let result = catch_unwind(AssertUnwindSafe(|| unsafe { (*job)(index) }));
             if result.is_err() {
@@ -210,7 +212,7 @@ fn worker(shared: &Shared) {
             continue;
         }
         // Parking: `run` publishes a job before it reads `parked`, and this thread counts
-        // itself in `parked` before it looks for a job, so one of the two sees the other.
+        // itself in `parked` before it looks for a job, so one of the two observes the other.
         let mut parking = lock(&shared.park_lock);
         shared.parked.fetch_add(1, Ordering::SeqCst);
         while unclaimed(shared) == 0 {
@@ -222,7 +224,7 @@ fn worker(shared: &Shared) {
     }
 }
 
-/// Returns how many tasks of the current job nobody has claimed yet.
+/// Returns how many tasks of the current job no thread has claimed yet.
 fn unclaimed(shared: &Shared) -> u64 {
     let state = shared.state.load(Ordering::SeqCst);
     ((state >> COUNT_BITS) & INDEX_MASK).saturating_sub(state & INDEX_MASK)
@@ -255,7 +257,7 @@ mod tests {
         }
     }
 
-    /// Threads that submit at once either run their job in the pool or are told it is busy,
+    /// Threads that submit at once either run their job in the pool or get `false` (busy),
     /// and no task of one job runs as part of another.
     #[test]
     fn concurrent_submitters_stay_apart() {

@@ -2,8 +2,9 @@
 //!
 //! Request, token, cost, latency and escalation figures are taken from each finished audit
 //! record, so the counters and the audit trail count the same requests. Queue depths and the
-//! audit writer's lag are gauges, read when the metrics are scraped. Each encoder's worker fills
-//! its batch-size histograms as it runs. `labels` bounds the label values that clients choose.
+//! audit writer's lag are gauges, and the prompt caches' counters are copied from the model
+//! workers, all read when the metrics are scraped. Each encoder's worker fills its batch-size
+//! histograms as it runs. `labels` bounds the label values that clients choose.
 
 pub mod config;
 pub mod labels;
@@ -17,6 +18,7 @@ use prometheus::{
 
 use crate::audit::{AuditRecord, WriterStats};
 use crate::classify::encoder_worker::BatchHistograms;
+use crate::engine::PromptCacheStats;
 pub use config::MetricsConfig;
 pub use labels::LabelBounds;
 
@@ -56,6 +58,10 @@ pub struct Metrics {
     audit_records: IntCounterVec,
     encoder_batch_requests: HistogramVec,
     encoder_batch_sequences: HistogramVec,
+    prompt_cache_lookups: IntCounterVec,
+    prompt_cache_tokens: IntCounterVec,
+    prompt_cache_evictions: IntCounterVec,
+    prompt_cache_bytes: IntGaugeVec,
     /// Serializes scrapes, because copying the writer's totals into counters reads then adds.
     scrape: Mutex<()>,
 }
@@ -66,6 +72,8 @@ pub struct Snapshot<'a> {
     pub generation_queues: Vec<(String, usize)>,
     /// The audit writer's counters; `None` when the audit trail is disabled.
     pub audit: Option<&'a WriterStats>,
+    /// The prompt cache counters of each local model.
+    pub prompt_caches: Vec<(String, &'a PromptCacheStats)>,
 }
 
 impl Metrics {
@@ -167,6 +175,27 @@ impl Metrics {
             "Sequences in one forward pass of a sentence encoder.",
         )?;
 
+        let prompt_cache_lookups = counter(
+            "tierd_prompt_cache_lookups_total",
+            "Generation requests that looked for a cached prompt prefix; result is hit or miss.",
+            &["model", "result"],
+        )?;
+        let prompt_cache_tokens = counter(
+            "tierd_prompt_cache_tokens_total",
+            "Prompt tokens whose keys and values were reused from the prompt cache instead of computed.",
+            &["model"],
+        )?;
+        let prompt_cache_evictions = counter(
+            "tierd_prompt_cache_evictions_total",
+            "Prompt cache entries dropped to stay within the model's byte budget.",
+            &["model"],
+        )?;
+        let prompt_cache_bytes = IntGaugeVec::new(
+            Opts::new("tierd_prompt_cache_bytes", "Bytes of keys and values held by a model's prompt cache."),
+            &["model"],
+        )?;
+        registry.register(Box::new(prompt_cache_bytes.clone()))?;
+
         Ok(Self {
             registry,
             labels,
@@ -186,6 +215,10 @@ impl Metrics {
             audit_records,
             encoder_batch_requests,
             encoder_batch_sequences,
+            prompt_cache_lookups,
+            prompt_cache_tokens,
+            prompt_cache_evictions,
+            prompt_cache_bytes,
             scrape: Mutex::new(()),
         })
     }
@@ -285,9 +318,34 @@ impl Metrics {
             }
         }
 
+        for (model, stats) in &snapshot.prompt_caches {
+            self.copy_prompt_cache(self.labels.model(model), stats);
+        }
+
         let mut text = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
         String::from_utf8(text).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+impl Metrics {
+    /// Sets the prompt cache metrics of `model` to the worker's totals. A model that a reload
+    /// loads again starts a new worker from zero, which Prometheus reads as a counter reset.
+    fn copy_prompt_cache(&self, model: &str, stats: &PromptCacheStats) {
+        let read = |value: &std::sync::atomic::AtomicU64| value.load(std::sync::atomic::Ordering::Relaxed);
+        let counters = [
+            (self.prompt_cache_lookups.with_label_values(&[model, "hit"]), read(&stats.hits)),
+            (self.prompt_cache_lookups.with_label_values(&[model, "miss"]), read(&stats.misses)),
+            (self.prompt_cache_tokens.with_label_values(&[model]), read(&stats.cached_tokens)),
+            (self.prompt_cache_evictions.with_label_values(&[model]), read(&stats.evictions)),
+        ];
+        for (counter, total) in counters {
+            counter.reset();
+            counter.inc_by(total);
+        }
+        self.prompt_cache_bytes
+            .with_label_values(&[model])
+            .set(i64::try_from(read(&stats.bytes)).unwrap_or(i64::MAX));
     }
 }
 

@@ -152,8 +152,14 @@ fn load_changes(state: &AppState, running: &Policy, policy: &Policy) -> Result<(
     let server = &running.config.server;
     let registry = if policy.changes_models(running) {
         Arc::new(
-            Registry::reload(&registry, &running.models, &policy.models, server.queue_capacity)
-                .map_err(|e| e.to_string())?,
+            Registry::reload(
+                &registry,
+                &running.models,
+                &policy.models,
+                server.queue_capacity,
+                &server.prompt_cache,
+            )
+            .map_err(|e| e.to_string())?,
         )
     } else {
         registry

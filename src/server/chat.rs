@@ -410,10 +410,10 @@ fn chat_stream(
                     completion.push_str(&text);
                     yield Ok(writer.delta(text, logprobs));
                 }
-                GenerationEvent::Finished { reason, prompt_tokens, completion_tokens, timings } => {
-                    submitted.log_finished(reason.as_str(), prompt_tokens, completion_tokens, &timings);
+                GenerationEvent::Finished { reason, prompt_tokens, cached_tokens, completion_tokens, timings } => {
+                    submitted.log_finished(reason.as_str(), prompt_tokens, cached_tokens, completion_tokens, &timings);
                     submitted.record_finished(prompt_tokens, completion_tokens, &timings, &completion);
-                    let usage = Usage::new(prompt_tokens, completion_tokens);
+                    let usage = Usage::new(prompt_tokens, completion_tokens).with_cached(cached_tokens);
                     for event in writer.finish(Cow::Borrowed(reason.as_str()), Some(usage)) {
                         yield Ok(event);
                     }

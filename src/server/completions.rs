@@ -220,13 +220,13 @@ fn completion_stream(
                     completion.push_str(&text);
                     yield Ok(super::sse_json(&chunk(vec![choice(text, legacy, None)], None)));
                 }
-                GenerationEvent::Finished { reason, prompt_tokens, completion_tokens, timings } => {
-                    submitted.log_finished(reason.as_str(), prompt_tokens, completion_tokens, &timings);
+                GenerationEvent::Finished { reason, prompt_tokens, cached_tokens, completion_tokens, timings } => {
+                    submitted.log_finished(reason.as_str(), prompt_tokens, cached_tokens, completion_tokens, &timings);
                     submitted.record_finished(prompt_tokens, completion_tokens, &timings, &completion);
                     let last = choice(String::new(), None, Some(reason.as_str()));
                     yield Ok(super::sse_json(&chunk(vec![last], None)));
                     if include_usage {
-                        let usage = Usage::new(prompt_tokens, completion_tokens);
+                        let usage = Usage::new(prompt_tokens, completion_tokens).with_cached(cached_tokens);
                         yield Ok(super::sse_json(&chunk(Vec::new(), Some(usage))));
                     }
                     yield Ok(Event::default().data("[DONE]"));

@@ -305,16 +305,17 @@ impl Submitted {
                 GenerationEvent::Finished {
                     reason,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                     timings,
                 } => {
-                    self.log_finished(reason.as_str(), prompt_tokens, completion_tokens, &timings);
+                    self.log_finished(reason.as_str(), prompt_tokens, cached_tokens, completion_tokens, &timings);
                     self.record_finished(prompt_tokens, completion_tokens, &timings, &text);
                     return Ok(Collected {
                         text,
                         logprobs,
                         finish_reason: reason.as_str(),
-                        usage: Usage::new(prompt_tokens, completion_tokens),
+                        usage: Usage::new(prompt_tokens, completion_tokens).with_cached(cached_tokens),
                     });
                 }
                 GenerationEvent::Failed(message) => {
@@ -367,7 +368,9 @@ impl Submitted {
         });
     }
 
-    pub fn log_finished(&self, reason: &str, prompt: usize, completion: usize, timings: &Timings) {
+    /// Logs a finished generation. `cached` prompt tokens came from the prompt cache, so the
+    /// prefill speed counts only the others.
+    pub fn log_finished(&self, reason: &str, prompt: usize, cached: usize, completion: usize, timings: &Timings) {
         let per_second = |tokens: usize, time: Duration| {
             let seconds = time.as_secs_f64();
             if seconds > 0.0 {
@@ -381,11 +384,12 @@ impl Submitted {
             model = %self.model,
             finish_reason = reason,
             prompt_tokens = prompt,
+            cached_tokens = cached,
             completion_tokens = completion,
             queue_ms = timings.queue.as_millis() as u64,
             prefill_ms = timings.prefill.as_millis() as u64,
             decode_ms = timings.decode.as_millis() as u64,
-            prefill_tok_s = format!("{:.1}", per_second(prompt, timings.prefill)),
+            prefill_tok_s = format!("{:.1}", per_second(prompt.saturating_sub(cached), timings.prefill)),
             decode_tok_s = format!("{:.1}", per_second(completion, timings.decode)),
             "generation finished"
         );

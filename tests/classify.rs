@@ -401,3 +401,25 @@ async fn tasks_are_listed() {
     let intent = tasks.iter().find(|t| t["name"] == "intent").expect("intent");
     assert_eq!(intent["labels"].as_array().expect("labels").len(), 157);
 }
+
+/// A classification whose client leaves while the encoder runs it is recorded with status 499
+/// and an error. The handler is dropped before it sets a status, which was recorded as 0.
+#[tokio::test]
+async fn left_classification_is_recorded_as_closed() {
+    let server = server();
+    // Enough inputs that the encoder is still busy when the client gives up.
+    let inputs: Vec<String> = (0..600).map(|i| format!("review number {i}: the battery died after a week")).collect();
+    let sent = client()
+        .post(server.url("/v1/classify"))
+        .header("x-request-id", "classify-left")
+        .timeout(std::time::Duration::from_millis(200))
+        .json(&json!({"task": "sentiment", "input": inputs}))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the classification finished within 200 ms, so the client did not leave");
+
+    let record = audit_row(&server.audit_db, "classify-left").await;
+    assert_eq!(record.status, 499, "{record:?}");
+    let error = record.error.as_deref().unwrap_or_default();
+    assert!(error.contains("closed the connection"), "{record:?}");
+}

@@ -35,6 +35,14 @@ impl Drop for Draft {
     fn drop(&mut self) {
         let mut record = std::mem::take(self.record.get_mut().unwrap_or_else(|p| p.into_inner()));
         record.total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        // The audit middleware sets the status from the response. A status of 0 means the
+        // client left and the request was dropped before it had a response.
+        if record.status == 0 {
+            record.status = crate::server::CLIENT_CLOSED;
+            record
+                .error
+                .get_or_insert_with(|| "the client closed the connection before the response was sent".into());
+        }
         let costs = self.sink.costs(&record);
         record.cost_usd = costs.cost_usd;
         record.counterfactual_usd = costs.counterfactual_usd;

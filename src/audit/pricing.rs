@@ -70,6 +70,11 @@ impl PriceTable {
 
     /// Prices a request served at `tier` by `provider` and `model` (`local` for tier 3).
     pub fn costs(&self, provider: &str, model: &str, input: u64, output: u64) -> Costs {
+        // A request that reached no provider (rejected, or left by its client before routing)
+        // has nothing to price.
+        if provider.is_empty() && input == 0 && output == 0 {
+            return Costs { cost_usd: 0.0, counterfactual_usd: 0.0 };
+        }
         let price = if provider == crate::server::served::LOCAL_PROVIDER {
             self.local.get(model).copied().unwrap_or(self.local_default)
         } else {

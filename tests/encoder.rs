@@ -222,7 +222,7 @@ fn worker_keeps_errors_per_request() {
     assert!(vocabulary_error.contains("outside the vocabulary"), "{vocabulary_error}");
     let length_error = replies[3].as_ref().expect_err("an input over the position limit").to_string();
     assert!(length_error.contains("at most 512"), "{length_error}");
-    // The two bad requests are answered before the run, so only the good ones are counted.
+    // The two bad requests get their errors before the run, so only the good ones are counted.
     assert_eq!(histograms.requests.get_sample_count(), 1, "runs of the encoder");
     assert_eq!(histograms.requests.get_sample_sum(), 2.0, "requests in the run");
 }

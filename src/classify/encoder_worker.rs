@@ -14,8 +14,8 @@ use crate::engine::QueueFull;
 
 /// Inputs gathered from queued requests into one run of the encoder. A single request with
 /// more inputs still runs whole.
-// NOTE: a large request holds up the requests behind it for its whole run, and runs on after
-// its client leaves; splitting it into runs would bound both.
+// NOTE: a large request holds up the requests behind it for its whole run, and it runs on
+// after its client leaves. Splitting it into runs would bound both.
 const MAX_GATHERED_INPUTS: usize = 256;
 
 /// Queue and batching settings of an encoder's worker.

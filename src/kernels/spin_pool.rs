@@ -56,10 +56,10 @@ struct Pool {
 
 /// Runs `task(i)` for every `i` in `0..tasks` on the calling thread and the pool's workers, and
 /// returns once all have finished. A panic in a task is raised again here once the others
-/// finish. Returns `false`, running nothing, in three cases: the pool is busy with another job
-/// (two models decoding at once, or a task that submits a job), the job has more than
-/// [`MAX_TASKS`] tasks, or the pool has no workers (one thread). The caller then runs the
-/// tasks another way.
+/// finish. Returns `false`, running nothing, when the pool is busy with another job (two models
+/// decoding at once, or a task that submits a job). It also returns `false` for a job of more
+/// than [`MAX_TASKS`] tasks and when the pool has no workers (one thread). The caller then runs
+/// the tasks another way.
 pub fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
     pool().is_some_and(|pool| pool.run(tasks, task))
 }

@@ -6,16 +6,16 @@
 //! block is unpacked once for `C` activation rows and each activation block is loaded once for
 //! `R` weight rows. The lanes are summed once per output.
 //!
-//! Covered are the 32-element weight types of the bundled models: Q5_0 and Q8_0 against Q8_0
-//! activations, Q4_1 against Q8_1. The VNNI versions multiply unsigned weight bytes with
+//! Covered are Q8_0 weights against Q8_0 activations and Q4_1 against Q8_1. Q5_0 goes through
+//! the panels of `panel`, which unpack its blocks with this module's `q5_0_unsigned`. The VNNI versions multiply unsigned weight bytes with
 //! `vpdpbusd` and remove the unsigned offset through the accumulator's starting value; the AVX2
 //! versions use `vpmaddubsw`. Both give the same sums as the row-by-row kernels in `dot`, up to
 //! the order of the float additions.
 
-use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1};
+use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_0, BlockQ8_1};
 
 #[cfg(target_arch = "x86_64")]
-use super::layout::{view, Mirrors, Q4_1, Q5_0, Q8_0, Q8_1};
+use super::layout::{view, Mirrors, Q4_1, Q8_0, Q8_1};
 
 /// Minimum number of activation rows for the tiled kernels. A single decode row goes through
 /// them too: tiles of four weight rows by one activation row are as fast as the row-by-row dot
@@ -23,16 +23,8 @@ use super::layout::{view, Mirrors, Q4_1, Q5_0, Q8_0, Q8_1};
 pub const MIN_ROWS: usize = 1;
 
 /// Fills `out`, laid out weight-row-major (`m` values per weight row), with the products of the
-/// weight rows in `weights` (`blocks` blocks each) and the `m` activation rows in
+/// Q8_0 weight rows in `weights` (`blocks` blocks each) and the `m` activation rows in
 /// `activations`. Returns `false`, leaving `out` untouched, when this CPU has no tiled kernel.
-pub fn q5_0_rows(weights: &[BlockQ5_0], activations: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return dispatch::<Q5_0, Q8_0>(weights, activations, blocks, m, out, x86::q5_0_vnni, x86::q5_0_avx2);
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
-}
-
-/// [`q5_0_rows`] for Q8_0 weights.
 pub fn q8_0_rows(weights: &[BlockQ8_0], activations: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     return dispatch::<Q8_0, Q8_0>(weights, activations, blocks, m, out, x86::q8_0_vnni, x86::q8_0_avx2);
@@ -40,7 +32,7 @@ pub fn q8_0_rows(weights: &[BlockQ8_0], activations: &[BlockQ8_0], blocks: usize
     return false;
 }
 
-/// [`q5_0_rows`] for Q4_1 weights and Q8_1 activations.
+/// [`q8_0_rows`] for Q4_1 weights and Q8_1 activations.
 pub fn q4_1_rows(weights: &[BlockQ4_1], activations: &[BlockQ8_1], blocks: usize, m: usize, out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     return dispatch::<Q4_1, Q8_1>(weights, activations, blocks, m, out, x86::q4_1_vnni, x86::q4_1_avx2);
@@ -92,7 +84,7 @@ pub(super) struct Shape {
 
 #[cfg(target_arch = "x86_64")]
 impl Shape {
-    fn new(weight_blocks: usize, activation_blocks: usize, blocks: usize, m: usize, out: usize) -> Self {
+    pub(super) fn new(weight_blocks: usize, activation_blocks: usize, blocks: usize, m: usize, out: usize) -> Self {
         let rows = out.checked_div(m).unwrap_or(0);
         assert!(
             blocks > 0 && rows * m == out && weight_blocks >= rows * blocks && activation_blocks >= m * blocks,
@@ -157,7 +149,7 @@ pub(super) mod x86 {
 
     /// Returns a Q5_0 block's values plus 16, so that they fit unsigned bytes (0..=31).
     #[inline(always)]
-    unsafe fn q5_0_unsigned(block: &Q5_0) -> __m256i {
+    pub(in crate::kernels) unsafe fn q5_0_unsigned(block: &Q5_0) -> __m256i {
         _mm256_or_si256(nibbles(&block.qs), fifth_bits(u32::from_le_bytes(block.qh)))
     }
 
@@ -181,45 +173,6 @@ pub(super) mod x86 {
     struct Weight {
         values: __m256i,
         scale: __m256,
-    }
-
-    /// Q5_0 weights against Q8_0 activations, with `vpdpbusd` where `VNNI` is set and AVX2's
-    /// `vpmaddubsw` otherwise.
-    struct Q5_0Tile<const VNNI: bool>;
-
-    impl<const VNNI: bool> TileKernel for Q5_0Tile<VNNI> {
-        type Weight = Q5_0;
-        type Activation = Q8_0;
-        type LoadedWeight = Weight;
-        type LoadedActivation = Activation;
-
-        #[inline(always)]
-        unsafe fn load_weight(block: &Q5_0) -> Weight {
-            Weight { values: q5_0_unsigned(block), scale: _mm256_set1_ps(block.d.to_f32()) }
-        }
-
-        #[inline(always)]
-        unsafe fn load_activation(block: &Q8_0) -> Activation {
-            let values = _mm256_loadu_si256(block.qs.as_ptr().cast());
-            let scale = _mm256_set1_ps(block.d.to_f32());
-            if VNNI {
-                // Starting each sum at -16 × (its activation bytes) removes the +16 of the weights.
-                let offset = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), values);
-                Activation { values, scale, offset: _mm256_sub_epi32(_mm256_setzero_si256(), offset) }
-            } else {
-                Activation { values, scale, offset: dot_u8_i8(_mm256_set1_epi8(16), values) }
-            }
-        }
-
-        #[inline(always)]
-        unsafe fn accumulate(acc: __m256, w: Weight, a: Activation) -> __m256 {
-            let sums = if VNNI {
-                _mm256_dpbusd_epi32(a.offset, w.values, a.values)
-            } else {
-                _mm256_sub_epi32(dot_u8_i8(w.values, a.values), a.offset)
-            };
-            _mm256_fmadd_ps(_mm256_mul_ps(w.scale, a.scale), _mm256_cvtepi32_ps(sums), acc)
-        }
     }
 
     struct Q8_0Vnni;
@@ -250,7 +203,8 @@ pub(super) mod x86 {
 
         #[inline(always)]
         unsafe fn accumulate(acc: __m256, w: Weight, a: Activation) -> __m256 {
-            Q5_0Tile::<true>::accumulate(acc, w, a)
+            let sums = _mm256_dpbusd_epi32(a.offset, w.values, a.values);
+            _mm256_fmadd_ps(_mm256_mul_ps(w.scale, a.scale), _mm256_cvtepi32_ps(sums), acc)
         }
     }
 
@@ -424,16 +378,6 @@ pub(super) mod x86 {
     // the loaded blocks; AVX2's 16 registers hold 2 × 4.
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
-    pub(super) unsafe fn q5_0_vnni(weights: &[Q5_0], activations: &[Q8_0], shape: Shape, out: &mut [f32]) {
-        tiles::<Q5_0Tile<true>, 4, 4>(weights, activations, shape, out)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn q5_0_avx2(weights: &[Q5_0], activations: &[Q8_0], shape: Shape, out: &mut [f32]) {
-        tiles::<Q5_0Tile<false>, 2, 4>(weights, activations, shape, out)
-    }
-
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
     pub(super) unsafe fn q8_0_vnni(weights: &[Q8_0], activations: &[Q8_0], shape: Shape, out: &mut [f32]) {
         tiles::<Q8_0Vnni, 4, 4>(weights, activations, shape, out)
     }
@@ -520,7 +464,6 @@ pub(super) mod tests {
         if !cfg!(target_arch = "x86_64") {
             return;
         }
-        check("q5_0", &|w, a, blocks, m, out| assert!(q5_0_rows(w, a, blocks, m, out)));
         check("q8_0", &|w, a, blocks, m, out| assert!(q8_0_rows(w, a, blocks, m, out)));
         check("q4_1", &|w, a, blocks, m, out| assert!(q4_1_rows(w, a, blocks, m, out)));
     }
@@ -534,12 +477,10 @@ pub(super) mod tests {
         // SAFETY: each path runs only where its instructions were detected.
         unsafe {
             if has_avx2() {
-                check("q5_0 avx2", &on_path::<Q5_0, Q8_0>(x86::q5_0_avx2));
                 check("q8_0 avx2", &on_path::<Q8_0, Q8_0>(x86::q8_0_avx2));
                 check("q4_1 avx2", &on_path::<Q4_1, Q8_1>(x86::q4_1_avx2));
             }
             if has_vnni() {
-                check("q5_0 vnni", &on_path::<Q5_0, Q8_0>(x86::q5_0_vnni));
                 check("q8_0 vnni", &on_path::<Q8_0, Q8_0>(x86::q8_0_vnni));
                 check("q4_1 vnni", &on_path::<Q4_1, Q8_1>(x86::q4_1_vnni));
             }

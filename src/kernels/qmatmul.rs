@@ -9,7 +9,8 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::activation::ActivationBlock;
-use super::{gemm, gemm_kquant, spin_pool};
+use super::panel::BlockTerms;
+use super::{gemm, gemm_kquant, panel, spin_pool};
 
 /// Weight rows handed to one parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -179,11 +180,26 @@ pub trait WeightBlock: GgmlType {
         Self::vec_dot(n, xs, ys)
     }
 
+    /// Computes, once per product, the per-block values of the activations that the tiled
+    /// kernel reads besides the blocks. Returns empty terms for kernels that need none.
+    fn block_terms(activations: &[Self::VecDotType]) -> BlockTerms {
+        let _ = activations;
+        BlockTerms::default()
+    }
+
     /// Fills `out`, weight-row-major, with the products of the weight rows in `weights` and the
     /// `m` activation rows in `activations`, `blocks` blocks each, through a tiled kernel.
-    /// Returns `false` where the type or the CPU has none, and the caller dots row by row.
-    fn tiled(weights: &[Self], activations: &[Self::VecDotType], blocks: usize, m: usize, out: &mut [f32]) -> bool {
-        let _ = (weights, activations, blocks, m, out);
+    /// `terms` come from [`WeightBlock::block_terms`] of the same activations. Returns `false`
+    /// where the type or the CPU has none, and the caller dots row by row.
+    fn tiled(
+        weights: &[Self],
+        activations: &[Self::VecDotType],
+        terms: &BlockTerms,
+        blocks: usize,
+        m: usize,
+        out: &mut [f32],
+    ) -> bool {
+        let _ = (weights, activations, terms, blocks, m, out);
         false
     }
 }
@@ -195,31 +211,35 @@ impl WeightBlock for BlockQ3K {}
 impl WeightBlock for BlockQ5K {}
 
 impl WeightBlock for BlockQ4K {
-    fn tiled(weights: &[Self], activations: &[BlockQ8K], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+    fn tiled(weights: &[Self], activations: &[BlockQ8K], _: &BlockTerms, blocks: usize, m: usize, out: &mut [f32]) -> bool {
         gemm_kquant::q4k_rows(weights, activations, blocks, m, out)
     }
 }
 
 impl WeightBlock for BlockQ6K {
-    fn tiled(weights: &[Self], activations: &[BlockQ8K], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+    fn tiled(weights: &[Self], activations: &[BlockQ8K], _: &BlockTerms, blocks: usize, m: usize, out: &mut [f32]) -> bool {
         gemm_kquant::q6k_rows(weights, activations, blocks, m, out)
     }
 }
 
 impl WeightBlock for BlockQ5_0 {
-    fn tiled(weights: &[Self], activations: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) -> bool {
-        gemm::q5_0_rows(weights, activations, blocks, m, out)
+    fn block_terms(activations: &[BlockQ8_0]) -> BlockTerms {
+        BlockTerms::q5_0(activations)
+    }
+
+    fn tiled(weights: &[Self], activations: &[BlockQ8_0], terms: &BlockTerms, blocks: usize, m: usize, out: &mut [f32]) -> bool {
+        panel::q5_0_rows(weights, activations, terms, blocks, m, out)
     }
 }
 
 impl WeightBlock for BlockQ8_0 {
-    fn tiled(weights: &[Self], activations: &[BlockQ8_0], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+    fn tiled(weights: &[Self], activations: &[BlockQ8_0], _: &BlockTerms, blocks: usize, m: usize, out: &mut [f32]) -> bool {
         gemm::q8_0_rows(weights, activations, blocks, m, out)
     }
 }
 
 impl WeightBlock for BlockQ4_1 {
-    fn tiled(weights: &[Self], activations: &[BlockQ8_1], blocks: usize, m: usize, out: &mut [f32]) -> bool {
+    fn tiled(weights: &[Self], activations: &[BlockQ8_1], _: &BlockTerms, blocks: usize, m: usize, out: &mut [f32]) -> bool {
         gemm::q4_1_rows(weights, activations, blocks, m, out)
     }
 }
@@ -238,10 +258,11 @@ where
     let blocks_per_row = cols / T::BLCK_SIZE;
     let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
     let quantized = quantize_activations::<T>(input, cols, m);
+    let terms = T::block_terms(&quantized);
     Box::new(move |first_row, out| {
         if m >= gemm::MIN_ROWS {
             let weight_rows = &weights[first_row * blocks_per_row..(first_row + out.len() / m) * blocks_per_row];
-            if T::tiled(weight_rows, &quantized, blocks_per_row, m, out) {
+            if T::tiled(weight_rows, &quantized, &terms, blocks_per_row, m, out) {
                 return;
             }
         }
@@ -385,6 +406,7 @@ where
     let blocks_per_row = cols / T::BLCK_SIZE;
     let activation_blocks = cols / T::VecDotType::BLCK_SIZE;
     let quantized = quantize_activations::<T>(input, cols, m);
+    let terms = T::block_terms(&quantized);
     let mut output = vec![0f32; m * ids.len()];
     // The tiled kernels compute each output the same way whatever the tile, so one weight row
     // at a time gives the values of the full product bit for bit.
@@ -393,7 +415,7 @@ where
         let mut tiled = true;
         for (j, &id) in ids.iter().enumerate() {
             let start = id as usize * blocks_per_row;
-            tiled = T::tiled(&weights[start..start + blocks_per_row], &quantized, blocks_per_row, m, &mut column);
+            tiled = T::tiled(&weights[start..start + blocks_per_row], &quantized, &terms, blocks_per_row, m, &mut column);
             if !tiled {
                 break;
             }

@@ -109,24 +109,22 @@ mod x86 {
 pub fn quantize_q8k(xs: &[f32], out: &mut [BlockQ8K]) {
     let out: &mut [Q8K] = view_mut(out);
     for (block, xs) in out.iter_mut().zip(xs.chunks_exact(QK_K)) {
-        let mut max = 0f32;
-        let mut amax = 0f32;
-        for &x in xs {
-            if x.abs() > amax {
-                amax = x.abs();
-                max = x;
-            }
-        }
+        let amax = block_max_abs(xs);
         if amax == 0.0 {
             block.d = 0.0;
             block.qs.fill(0);
             block.bsums.fill(0);
             continue;
         }
+        // The first element of largest magnitude, sign included, as llama.cpp's scan keeps it.
+        let max = xs.iter().copied().find(|x| x.abs() == amax).unwrap_or(amax);
         let iscale = -127.0 / max;
-        for (q, x) in block.qs.iter_mut().zip(xs) {
-            let v = (iscale * x).round_ties_even() as i32;
-            *q = v.min(127) as i8;
+        // `|iscale * x| <= 127` up to rounding, and both rounding paths saturate at 127 as
+        // llama.cpp's `MIN(127, ...)` does.
+        for (qs, xs) in block.qs.chunks_exact_mut(QK8).zip(xs.chunks_exact(QK8)) {
+            if let Ok(qs) = <&mut [i8; QK8]>::try_from(qs) {
+                round_block(xs, iscale, qs);
+            }
         }
         for (sum, qs) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
             *sum = qs.iter().map(|&q| q as i16).sum();
@@ -205,6 +203,35 @@ mod tests {
         assert_eq!(view[0].qs[7], -127);
         let expected: i16 = view[0].qs[..16].iter().map(|&q| q as i16).sum();
         assert_eq!(view[0].bsums[0], expected);
+    }
+
+    /// The vectorized Q8_K quantizer equals llama.cpp's scalar scan bit for bit, with ties of
+    /// magnitude between signs, a value on a rounding tie and an all-zero block.
+    #[test]
+    fn q8k_equals_scalar_scan() {
+        let mut xs = crate::kernels::tests::sample(QK_K * 4, 11);
+        xs[5] = -1.5;
+        xs[9] = 1.5;
+        xs[QK_K + 3] = 2.0;
+        xs[QK_K + 4] = -2.0;
+        xs[QK_K + 5] = 127.0 / 254.0;
+        xs[2 * QK_K..3 * QK_K].fill(0.0);
+        let mut out = vec![BlockQ8K::zeros(); 4];
+        quantize_q8k(&xs, &mut out);
+        let view: &mut [Q8K] = view_mut(&mut out);
+        for (block, xs) in view.iter().zip(xs.chunks_exact(QK_K)) {
+            let (mut max, mut amax) = (0f32, 0f32);
+            for &x in xs {
+                if x.abs() > amax {
+                    amax = x.abs();
+                    max = x;
+                }
+            }
+            let iscale = if amax == 0.0 { 0.0 } else { -127.0 / max };
+            let expected: Vec<i8> = xs.iter().map(|x| ((iscale * x).round_ties_even() as i32).min(127) as i8).collect();
+            assert_eq!(block.qs.to_vec(), expected);
+            assert_eq!(block.d, if amax == 0.0 { 0.0 } else { 1.0 / iscale });
+        }
     }
 
     #[test]

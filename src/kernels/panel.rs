@@ -14,20 +14,24 @@
 //! the two block scales and added block by block in order. A prompt split into pieces
 //! therefore gets the same bits as the whole prompt, as the prefix cache and label scoring need.
 
-use candle_core::quantized::k_quants::{BlockQ5_0, BlockQ8_0};
+use candle_core::quantized::k_quants::{BlockQ5_0, BlockQ8K, BlockQ8_0};
 
-use super::layout::{view, Q8_0};
+use super::layout::{view, Q8K, Q8_0};
 
 /// Weight rows in one panel: the 32-bit lanes of a 256-bit register.
 pub const PANEL_ROWS: usize = 8;
 
 /// Per-block values of the activations that the panel kernels read besides the bytes, computed
-/// once per product: the block's scale, and the term that removes the weights' unsigned offset.
+/// once per product.
 #[derive(Default)]
 pub struct BlockTerms {
-    /// Minus the weights' offset times the sum of the block's bytes.
-    offsets: Vec<i32>,
-    scales: Vec<f32>,
+    /// Minus the weights' offset times the sum of the bytes it applies to: one per Q8_0 block
+    /// (Q5_0), one per 16 elements (Q6_K).
+    pub(super) offsets: Vec<i32>,
+    /// Q8_0 block scales (Q5_0).
+    pub(super) scales: Vec<f32>,
+    /// Sums of each 32 bytes of a Q8_K block, as f32 (Q4_K's minimums).
+    pub(super) sums: Vec<f32>,
 }
 
 impl BlockTerms {
@@ -38,7 +42,25 @@ impl BlockTerms {
         Self {
             offsets: blocks.iter().map(|b| -16 * b.qs.iter().map(|&q| i32::from(q)).sum::<i32>()).collect(),
             scales: blocks.iter().map(|b| b.d.to_f32()).collect(),
+            sums: Vec::new(),
         }
+    }
+
+    /// Computes the terms of Q8_K activation blocks against Q4_K weights: each 32-byte sum.
+    pub fn q4k(activations: &[BlockQ8K]) -> Self {
+        let sums = view::<Q8K>(activations)
+            .iter()
+            .flat_map(|b| b.bsums.chunks_exact(2).map(|pair| f32::from(pair[0]) + f32::from(pair[1])))
+            .collect();
+        Self { sums, ..Self::default() }
+    }
+
+    /// Computes the terms of Q8_K activation blocks against Q6_K weights, which are stored plus
+    /// 32: minus 32 times each 16-byte sum.
+    pub fn q6k(activations: &[BlockQ8K]) -> Self {
+        let offsets =
+            view::<Q8K>(activations).iter().flat_map(|b| b.bsums.iter().map(|&sum| -32 * i32::from(sum))).collect();
+        Self { offsets, ..Self::default() }
     }
 }
 
@@ -86,7 +108,7 @@ pub fn q5_0_rows(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -116,11 +138,11 @@ mod x86 {
 
     /// The product of four bytes of each lane of `weights` (unsigned) and of `activations`
     /// (signed), added to the lanes of `acc`.
-    trait QuadDot {
+    pub(in crate::kernels) trait QuadDot {
         unsafe fn dot(acc: __m256i, weights: __m256i, activations: __m256i) -> __m256i;
     }
 
-    struct Vnni;
+    pub(in crate::kernels) struct Vnni;
 
     impl QuadDot for Vnni {
         #[inline(always)]
@@ -130,7 +152,7 @@ mod x86 {
     }
 
     /// AVX2's `vpmaddubsw` pairs cannot saturate here, because 2 × 31 × 127 fits an i16.
-    struct Avx2;
+    pub(in crate::kernels) struct Avx2;
 
     impl QuadDot for Avx2 {
         #[inline(always)]
@@ -142,7 +164,7 @@ mod x86 {
     /// Transposes eight rows of eight 32-bit values: lane `r` of output `j` is lane `j` of
     /// input `r`.
     #[inline(always)]
-    unsafe fn transpose(rows: [__m256i; 8]) -> [__m256i; 8] {
+    pub(in crate::kernels) unsafe fn transpose(rows: [__m256i; 8]) -> [__m256i; 8] {
         // Pairs of rows, then quads (each 128-bit half still separate), then the halves.
         let (t0, t1) = (_mm256_unpacklo_epi32(rows[0], rows[1]), _mm256_unpackhi_epi32(rows[0], rows[1]));
         let (t2, t3) = (_mm256_unpacklo_epi32(rows[2], rows[3]), _mm256_unpackhi_epi32(rows[2], rows[3]));

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::activation::ActivationBlock;
 use super::panel::BlockTerms;
-use super::{gemm, gemm_kquant, panel, spin_pool};
+use super::{gemm, panel, panel_kquant, spin_pool};
 
 /// Weight rows handed to one parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -211,14 +211,22 @@ impl WeightBlock for BlockQ3K {}
 impl WeightBlock for BlockQ5K {}
 
 impl WeightBlock for BlockQ4K {
-    fn tiled(weights: &[Self], activations: &[BlockQ8K], _: &BlockTerms, blocks: usize, m: usize, out: &mut [f32]) -> bool {
-        gemm_kquant::q4k_rows(weights, activations, blocks, m, out)
+    fn block_terms(activations: &[BlockQ8K]) -> BlockTerms {
+        BlockTerms::q4k(activations)
+    }
+
+    fn tiled(weights: &[Self], activations: &[BlockQ8K], terms: &BlockTerms, blocks: usize, m: usize, out: &mut [f32]) -> bool {
+        panel_kquant::q4k_rows(weights, activations, terms, blocks, m, out)
     }
 }
 
 impl WeightBlock for BlockQ6K {
-    fn tiled(weights: &[Self], activations: &[BlockQ8K], _: &BlockTerms, blocks: usize, m: usize, out: &mut [f32]) -> bool {
-        gemm_kquant::q6k_rows(weights, activations, blocks, m, out)
+    fn block_terms(activations: &[BlockQ8K]) -> BlockTerms {
+        BlockTerms::q6k(activations)
+    }
+
+    fn tiled(weights: &[Self], activations: &[BlockQ8K], terms: &BlockTerms, blocks: usize, m: usize, out: &mut [f32]) -> bool {
+        panel_kquant::q6k_rows(weights, activations, terms, blocks, m, out)
     }
 }
 

@@ -160,11 +160,14 @@ async fn shared_system_prompt_is_reused() {
 async fn streamed_usage_reports_cached_tokens() {
     let system = system_prompt("stream", 14);
     let first = chat_with_system(SMOLLM, &system, "Where do I find screws?", 8);
-    let mut second = chat_with_system(SMOLLM, &system, "Do you cut keys?", 12);
-    second["stream_options"] = json!({"include_usage": true});
+    let second = chat_with_system(SMOLLM, &system, "Do you cut keys?", 12);
+    // `stream_options` goes only on the streamed copy, because a request that does not stream
+    // is rejected with it.
+    let mut streamed = second.clone();
+    streamed["stream_options"] = json!({"include_usage": true});
 
     post_ok(cached(), "/v1/chat/completions", &first).await;
-    let stream = post_stream(cached(), "/v1/chat/completions", &second).await;
+    let stream = post_stream(cached(), "/v1/chat/completions", &streamed).await;
     let reference = post_ok(uncached(), "/v1/chat/completions", &second).await;
 
     let usage = stream.usage();

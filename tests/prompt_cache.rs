@@ -247,6 +247,22 @@ async fn tiny_budget_stores_nothing() {
     assert_eq!(metric_sum(&metrics, "tierd_prompt_cache_bytes", &[]), 0.0, "bytes stored over the budget");
 }
 
+#[test]
+fn tiny_budget_logs_warning() {
+    const WARNING: &str = "the prompt cache budget cannot hold min_tokens positions";
+    // smollm2 has 30 layers × 3 KV heads × 64 values × 8 bytes = 46,080 bytes per position.
+    let needed = format!("needed_bytes={}", MIN_TOKENS * 46_080);
+
+    let log = tiny_budget().log();
+    let warning = log.lines().find(|line| line.contains(WARNING)).unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(warning.contains("smollm2-135m-instruct"), "{warning}");
+    assert!(warning.contains("max_bytes=4096"), "{warning}");
+    assert!(warning.contains(&needed), "{warning}");
+
+    let log = cached().log();
+    assert!(!log.contains(WARNING), "the 256 MiB default budget raised the warning:\n{log}");
+}
+
 #[tokio::test]
 async fn concurrent_requests_stay_separate() {
     // Requests that share a prefix, and one that shares nothing, arrive at once: each must get

@@ -177,6 +177,17 @@ fn default_models_dir() -> PathBuf {
     PathBuf::from("models")
 }
 
+/// A config file that is not valid TOML or does not match the config's types.
+///
+/// toml's message gives the line, column and expected type but not the key, so `key` adds
+/// the full key path (e.g. `server.prompt_cache.max_bytes`) when the error belongs to one.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{source}", key.as_ref().map(|key| format!("key `{key}`: ")).unwrap_or_default())]
+pub struct TomlError {
+    pub key: Option<String>,
+    pub source: toml::de::Error,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("failed to read config file {path}: {source}")]
@@ -220,9 +231,24 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::parse(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
+        })
+    }
+
+    /// Parses config TOML, recording the key path of a value of the wrong type.
+    pub fn parse(text: &str) -> Result<Self, TomlError> {
+        let deserializer = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            let path = error.path().to_string();
+            // serde_path_to_error writes the root as `.`, which happens for syntax errors and
+            // for errors that are about no single key.
+            let key = (path != ".").then_some(path);
+            TomlError {
+                key,
+                source: error.into_inner(),
+            }
         })
     }
 
@@ -482,6 +508,31 @@ mod tests {
         assert_eq!(settings.limits.max_sequences, 8);
         assert_eq!(settings.limits.max_tokens, 512);
         assert_eq!(settings.queue_capacity, 256);
+    }
+
+    #[test]
+    fn type_error_names_key_path() {
+        let error = Config::parse("[server]\n[server.prompt_cache]\nmax_bytes = \"big\"\n")
+            .expect_err("string for a usize")
+            .to_string();
+        assert!(error.contains("`server.prompt_cache.max_bytes`"), "{error}");
+        assert!(error.contains("expected usize"), "{error}");
+        assert!(error.contains("line 3"), "{error}");
+    }
+
+    #[test]
+    fn type_error_in_array_names_index() {
+        let text = "[[model]]\nid = \"a\"\npath = \"a.gguf\"\n[[model]]\nid = \"b\"\ncontext_length = -1\n";
+        let error = Config::parse(text).expect_err("negative context length").to_string();
+        assert!(error.contains("`model[1].context_length`"), "{error}");
+        assert!(error.contains("line 6"), "{error}");
+    }
+
+    #[test]
+    fn syntax_error_names_no_key() {
+        let error = Config::parse("[server\n").expect_err("unclosed table header");
+        assert_eq!(error.key, None);
+        assert!(error.to_string().contains("line 1"), "{error}");
     }
 
     #[test]

@@ -556,6 +556,43 @@ async fn error_n_two() {
 }
 
 #[tokio::test]
+async fn error_stream_options_without_stream() {
+    let (server, _lock) = shared();
+    let cases = [
+        ("/v1/chat/completions", chat_request(SMOLLM, "hi", 2), Some(false)),
+        ("/v1/chat/completions", chat_request(SMOLLM, "hi", 2), None),
+        ("/v1/completions", completion_request(SMOLLM, "hi", 2), Some(false)),
+        ("/v1/completions", completion_request(SMOLLM, "hi", 2), None),
+    ];
+    for (path, mut request, stream) in cases {
+        request["stream_options"] = json!({"include_usage": true});
+        if let Some(stream) = stream {
+            request["stream"] = json!(stream);
+        }
+        let reply = post(server, path, &request).await;
+
+        assert_api_error(
+            &reply,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("stream_options"),
+            "stream_options",
+        );
+    }
+    assert_still_serves(server).await;
+}
+
+#[tokio::test]
+async fn null_stream_options_without_stream() {
+    let (server, _lock) = shared();
+    let mut request = chat_request(SMOLLM, "hi", 2);
+    request["stream_options"] = Value::Null;
+    let reply = post(server, "/v1/chat/completions", &request).await;
+
+    assert_eq!(reply.status, StatusCode::OK, "body: {}", reply.text);
+}
+
+#[tokio::test]
 async fn error_temperature_three() {
     let (server, _lock) = shared();
     let mut request = chat_request(SMOLLM, "hi", 2);

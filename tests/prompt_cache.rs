@@ -160,11 +160,14 @@ async fn shared_system_prompt_is_reused() {
 async fn streamed_usage_reports_cached_tokens() {
     let system = system_prompt("stream", 14);
     let first = chat_with_system(SMOLLM, &system, "Where do I find screws?", 8);
-    let mut second = chat_with_system(SMOLLM, &system, "Do you cut keys?", 12);
-    second["stream_options"] = json!({"include_usage": true});
+    let second = chat_with_system(SMOLLM, &system, "Do you cut keys?", 12);
+    // `stream_options` goes only on the streamed copy, because a request that does not stream
+    // is rejected with it.
+    let mut streamed = second.clone();
+    streamed["stream_options"] = json!({"include_usage": true});
 
     post_ok(cached(), "/v1/chat/completions", &first).await;
-    let stream = post_stream(cached(), "/v1/chat/completions", &second).await;
+    let stream = post_stream(cached(), "/v1/chat/completions", &streamed).await;
     let reference = post_ok(uncached(), "/v1/chat/completions", &second).await;
 
     let usage = stream.usage();
@@ -242,6 +245,22 @@ async fn tiny_budget_stores_nothing() {
     assert_same_output(&answered, &reference, "tiny budget");
     let metrics = get(tiny_budget(), "/metrics").await.text;
     assert_eq!(metric_sum(&metrics, "tierd_prompt_cache_bytes", &[]), 0.0, "bytes stored over the budget");
+}
+
+#[test]
+fn tiny_budget_logs_warning() {
+    const WARNING: &str = "the prompt cache budget cannot hold min_tokens positions";
+    // smollm2 has 30 layers × 3 KV heads × 64 values × 8 bytes = 46,080 bytes per position.
+    let needed = format!("needed_bytes={}", MIN_TOKENS * 46_080);
+
+    let log = tiny_budget().log();
+    let warning = log.lines().find(|line| line.contains(WARNING)).unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(warning.contains("smollm2-135m-instruct"), "{warning}");
+    assert!(warning.contains("max_bytes=4096"), "{warning}");
+    assert!(warning.contains(&needed), "{warning}");
+
+    let log = cached().log();
+    assert!(!log.contains(WARNING), "the 256 MiB default budget raised the warning:\n{log}");
 }
 
 #[tokio::test]

@@ -48,6 +48,18 @@ impl PromptCacheConfig {
         }
         Ok(())
     }
+
+    /// Returns the bytes that `min_tokens` positions of `bytes_per_position` need when
+    /// `max_bytes` is smaller, because [`PromptCache::insert`] then never stores an entry.
+    /// Returns `None` when they fit in the budget.
+    pub fn min_tokens_shortfall(&self, bytes_per_position: usize) -> Option<usize> {
+        // The same arithmetic as `insert`, so the warning matches what the cache does.
+        let per_position = bytes_per_position.max(1);
+        if self.max_bytes / per_position >= self.min_tokens {
+            return None;
+        }
+        Some(self.min_tokens.saturating_mul(per_position))
+    }
 }
 
 /// Tokens and the KV cache that contains their keys and values: `tokens.len() == cache.len()`.
@@ -318,6 +330,34 @@ mod tests {
         assert!(cache.is_empty());
         assert_eq!(cache.bytes(), 0);
         assert!(cache.lookup(&range(0, 100), 128).is_none());
+    }
+
+    #[test]
+    fn shortfall_when_budget_under_min_tokens() {
+        let config = prompt_cache(15 * POSITION_BYTES, 16).config;
+        assert_eq!(config.min_tokens_shortfall(POSITION_BYTES), Some(16 * POSITION_BYTES));
+
+        let config = prompt_cache(16 * POSITION_BYTES - 1, 16).config;
+        assert_eq!(config.min_tokens_shortfall(POSITION_BYTES), Some(16 * POSITION_BYTES));
+    }
+
+    #[test]
+    fn no_shortfall_when_budget_fits() {
+        let config = prompt_cache(16 * POSITION_BYTES, 16).config;
+        assert_eq!(config.min_tokens_shortfall(POSITION_BYTES), None);
+
+        let config = prompt_cache(1 << 20, 16).config;
+        assert_eq!(config.min_tokens_shortfall(POSITION_BYTES), None);
+    }
+
+    #[test]
+    fn shortfall_matches_insert() {
+        for max_bytes in [15 * POSITION_BYTES, 16 * POSITION_BYTES - 1, 16 * POSITION_BYTES] {
+            let mut cache = prompt_cache(max_bytes, 16);
+            cache.insert(sequence(&range(0, 100)), 100);
+            let shortfall = cache.config.min_tokens_shortfall(POSITION_BYTES);
+            assert_eq!(shortfall.is_some(), cache.is_empty(), "max_bytes {max_bytes}");
+        }
     }
 
     #[test]

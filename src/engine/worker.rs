@@ -29,6 +29,24 @@ enum Job {
     },
 }
 
+/// Warns when the prompt cache budget of `model` is too small for `min_tokens` positions,
+/// because such a cache stores nothing and nothing else reports it.
+fn warn_if_cache_stores_nothing(model_id: &str, model: &LoadedModel, config: &PromptCacheConfig) {
+    // An empty cache allocates nothing and has the model's bytes per position.
+    let bytes_per_position = model.network.new_cache(0).bytes_per_position();
+    if let Some(needed_bytes) = config.min_tokens_shortfall(bytes_per_position) {
+        tracing::warn!(
+            model = model_id,
+            max_bytes = config.max_bytes,
+            min_tokens = config.min_tokens,
+            needed_bytes,
+            "the prompt cache budget cannot hold min_tokens positions of this model, so the cache \
+             stores nothing. Raise server.prompt_cache.max_bytes to at least needed_bytes or lower \
+             min_tokens"
+        );
+    }
+}
+
 /// Handle to a model's generation thread.
 pub struct ModelWorker {
     queue: JobQueue<Job>,
@@ -49,6 +67,9 @@ impl ModelWorker {
     ) -> std::io::Result<Self> {
         let (queue, receiver) = job_queue::<Job>(model_id, capacity);
         let stats = Arc::new(PromptCacheStats::default());
+        if prompt_cache.enabled {
+            warn_if_cache_stores_nothing(model_id, &model, prompt_cache);
+        }
         let mut generation_cache = prompt_cache
             .enabled
             .then(|| PromptCache::new(prompt_cache.clone(), stats.clone()));

@@ -51,7 +51,7 @@ pub enum ReloadError {
     NoFile,
     #[error("failed to read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    /// The TOML parser's message, which gives the line and column.
+    /// The TOML parser's message with the line and column, led by the key path when the error has one.
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config file {path}{}: {message}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
@@ -81,7 +81,7 @@ pub fn reload(state: &AppState) -> Result<Reloaded, ReloadError> {
         path: path.clone(),
         source,
     })?;
-    let mut config: Config = toml::from_str(&text).map_err(|e| ReloadError::Parse {
+    let mut config = Config::parse(&text).map_err(|e| ReloadError::Parse {
         path: path.clone(),
         message: e.to_string(),
     })?;

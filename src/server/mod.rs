@@ -368,8 +368,10 @@ impl Submitted {
         });
     }
 
-    /// Logs a finished generation. `cached` prompt tokens came from the prompt cache, so the
-    /// prefill speed counts only the others.
+    /// Logs a finished generation. `cached` prompt tokens came from the prompt cache, so
+    /// `prefill_tok_s` divides only `prefill_tokens`, the prompt tokens the model computed, by
+    /// the prefill time. The log names that count because a cache hit that leaves a few tokens
+    /// to compute shows a low rate.
     pub fn log_finished(&self, reason: &str, prompt: usize, cached: usize, completion: usize, timings: &Timings) {
         let per_second = |tokens: usize, time: Duration| {
             let seconds = time.as_secs_f64();
@@ -379,17 +381,19 @@ impl Submitted {
                 0.0
             }
         };
+        let prefill_tokens = prompt.saturating_sub(cached);
         tracing::info!(
             request_id = %self.request_id,
             model = %self.model,
             finish_reason = reason,
             prompt_tokens = prompt,
             cached_tokens = cached,
+            prefill_tokens,
             completion_tokens = completion,
             queue_ms = timings.queue.as_millis() as u64,
             prefill_ms = timings.prefill.as_millis() as u64,
             decode_ms = timings.decode.as_millis() as u64,
-            prefill_tok_s = format!("{:.1}", per_second(prompt.saturating_sub(cached), timings.prefill)),
+            prefill_tok_s = format!("{:.1}", per_second(prefill_tokens, timings.prefill)),
             decode_tok_s = format!("{:.1}", per_second(completion, timings.decode)),
             "generation finished"
         );

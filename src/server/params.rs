@@ -113,6 +113,15 @@ pub fn validate(
         ));
     }
 
+    let stream = fields.stream.unwrap_or(false);
+    // OpenAI rejects `stream_options` on a request that does not stream rather than ignoring it,
+    // so a client that forgot `stream: true` learns it here. An explicit null counts as absent.
+    if fields.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid_request(
+            "`stream_options` is only allowed when `stream` is true. Set `stream` to true or remove `stream_options`.",
+            Some("stream_options"),
+        ));
+    }
     let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
     Ok(Validated {
         max_tokens,
@@ -123,7 +132,7 @@ pub fn validate(
             seed: fields.seed,
         },
         stop,
-        stream: fields.stream.unwrap_or(false),
+        stream,
         include_usage,
     })
 }

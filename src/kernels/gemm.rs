@@ -342,6 +342,25 @@ pub(super) mod x86 {
         }
     }
 
+    /// Largest number of activation rows for which the weights of later tiles are prefetched. A
+    /// decode step reads each weight once, from memory, and one core's own cache misses do not
+    /// keep enough reads in flight to reach the memory bandwidth.
+    pub(in crate::kernels) const PREFETCH_MAX_ROWS: usize = 4;
+
+    /// Tiles ahead whose weights are prefetched.
+    const PREFETCH_TILES: usize = 2;
+
+    /// Asks the CPU to load weight rows `first..first + count` into the cache. The rows may lie
+    /// past the end of `weights`: prefetches do not fault, and the pointer is never read.
+    #[inline(always)]
+    pub(in crate::kernels) unsafe fn prefetch_rows<W>(weights: &[W], blocks: usize, first: usize, count: usize) {
+        let start = weights.as_ptr().wrapping_add(first * blocks).cast::<i8>();
+        let bytes = count * blocks * std::mem::size_of::<W>();
+        for offset in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset));
+        }
+    }
+
     /// Covers the whole product with tiles of up to `R` weight rows by `C` activation rows,
     /// activation columns outermost so that the weight rows stay in the L1 cache.
     #[inline(always)]
@@ -357,6 +376,9 @@ pub(super) mod x86 {
             let mut row = 0;
             while row < shape.rows {
                 let height = if shape.rows - row >= R { R } else { 1 };
+                if shape.m <= PREFETCH_MAX_ROWS {
+                    prefetch_rows(weights, shape.blocks, row + PREFETCH_TILES * R, R);
+                }
                 // Edge tiles take the smaller shapes; the match keeps each shape's loops unrolled.
                 match (height == R, width) {
                     (true, w) if w == C => tile::<K, R, C>(weights, activations, shape, row, col, out),

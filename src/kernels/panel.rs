@@ -113,7 +113,7 @@ pub(super) mod x86 {
     use std::cell::RefCell;
 
     use super::{BlockTerms, PANEL_ROWS};
-    use crate::kernels::gemm::x86::{dot_u8_i8, q5_0_unsigned};
+    use crate::kernels::gemm::x86::{dot_u8_i8, prefetch_rows, q5_0_unsigned, PREFETCH_MAX_ROWS};
     use crate::kernels::gemm::Shape;
     use crate::kernels::layout::{Q5_0, Q8_0};
 
@@ -256,6 +256,9 @@ pub(super) mod x86 {
             let panel = &mut buffer[..shape.blocks];
             for first in (0..shape.rows).step_by(PANEL_ROWS) {
                 let count = PANEL_ROWS.min(shape.rows - first);
+                if shape.m <= PREFETCH_MAX_ROWS {
+                    prefetch_rows(weights, shape.blocks, first + PANEL_ROWS, PANEL_ROWS);
+                }
                 pack(weights, shape.blocks, first, count, panel);
                 let mut col = 0;
                 while col < shape.m {

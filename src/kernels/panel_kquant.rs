@@ -52,6 +52,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
+    use crate::kernels::gemm::x86::{prefetch_rows, PREFETCH_MAX_ROWS};
     use crate::kernels::gemm::Shape;
     use crate::kernels::layout::{view, Mirrors, Q4K, Q6K, Q8K};
     use crate::kernels::panel::x86::{transpose, Avx2, QuadDot, Vnni};
@@ -315,6 +316,9 @@ mod x86 {
             let panel = &mut buffer[..shape.blocks];
             for first in (0..shape.rows).step_by(PANEL_ROWS) {
                 let count = PANEL_ROWS.min(shape.rows - first);
+                if shape.m <= PREFETCH_MAX_ROWS {
+                    prefetch_rows(weights, shape.blocks, first + PANEL_ROWS, PANEL_ROWS);
+                }
                 pack(weights, shape.blocks, first, count, panel);
                 let mut col = 0;
                 while col < shape.m {

@@ -152,6 +152,8 @@ pub(super) mod x86 {
     }
 
     /// AVX2's `vpmaddubsw` pairs cannot saturate here, because 2 × 31 × 127 fits an i16.
+    // NOTE: the AVX2 paths are tested for their values, but their speed was measured on no
+    // AVX2-only CPU, where 16 registers may not hold a panel block and four accumulators.
     pub(in crate::kernels) struct Avx2;
 
     impl QuadDot for Avx2 {

@@ -196,7 +196,7 @@ enum BenchAction {
         /// Comma-separated prompt lengths timed for prefill.
         #[arg(long, value_delimiter = ',', default_value = "512")]
         prompt_tokens: Vec<usize>,
-        /// Tokens decoded one at a time from an empty context.
+        /// Tokens decoded one at a time from an empty context; 0 skips the decode test.
         #[arg(long, default_value_t = 128)]
         decode_tokens: usize,
         /// Threads of the matmuls [default: the number of logical CPUs].

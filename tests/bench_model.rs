@@ -74,11 +74,23 @@ fn csv_has_a_row_per_test() {
 }
 
 #[test]
+fn zero_decode_tokens_times_prefill_only() {
+    let output = bench(&["--model", SMOLLM, "--prompt-tokens", "8", "--decode-tokens", "0", "--repetitions", "1", "--format", "json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("report JSON");
+    let tests = report["models"][0]["tests"].as_array().expect("tests");
+    let names: Vec<&str> = tests.iter().filter_map(|t| t["test"].as_str()).collect();
+    assert_eq!(names, ["pp8"]);
+}
+
+#[test]
 fn bad_arguments_name_the_value() {
     for (args, expected) in [
         (vec!["--model", "no-such-model"], "--model no-such-model: neither a configured model"),
         (vec!["--model", SMOLLM, "--prompt-tokens", "0"], "--prompt-tokens 0"),
         (vec!["--model", SMOLLM, "--prompt-tokens", "100000"], "exceed the model's context of 8192"),
+        (vec!["--model", SMOLLM, "--threads", "0"], "--threads 0: the benchmark needs at least one thread"),
+        (vec!["--model", SMOLLM, "--repetitions", "0"], "--repetitions 0"),
     ] {
         let output = bench(&args);
         assert!(!output.status.success(), "{args:?} succeeded");

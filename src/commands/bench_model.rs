@@ -99,8 +99,11 @@ const REVIEWS: [&str; 2] = [
 ];
 
 pub fn run(config: &Config, args: &BenchModelArgs) -> anyhow::Result<()> {
-    if args.threads == 0 || args.repetitions == 0 || args.decode_tokens == 0 {
-        bail!("--threads, --repetitions and --decode-tokens must be at least 1");
+    if args.threads == 0 {
+        bail!("--threads 0: the benchmark needs at least one thread");
+    }
+    if args.repetitions == 0 {
+        bail!("--repetitions 0: the benchmark needs at least one repetition");
     }
     if let Some(zero) = args.prompt_tokens.iter().find(|&&p| p == 0) {
         bail!("--prompt-tokens {zero}: a prompt needs at least one token");
@@ -196,17 +199,20 @@ fn bench_one(id: &str, path: &std::path::Path, args: &BenchModelArgs) -> anyhow:
         tests.push(TestResult::new(format!("pp{prompt}"), prompt, runs));
         eprintln!("{id}: pp{prompt} done");
     }
-    let mut runs = Vec::with_capacity(args.repetitions);
-    for _ in 0..args.repetitions {
-        let mut cache = model.network.new_cache(args.decode_tokens);
-        let started = Instant::now();
-        for &token in &tokens[..args.decode_tokens] {
-            model.network.forward(&[token], &mut cache)?;
+    // `--decode-tokens 0` times prefill only, as llama-bench's `-n 0` does.
+    if args.decode_tokens > 0 {
+        let mut runs = Vec::with_capacity(args.repetitions);
+        for _ in 0..args.repetitions {
+            let mut cache = model.network.new_cache(args.decode_tokens);
+            let started = Instant::now();
+            for &token in &tokens[..args.decode_tokens] {
+                model.network.forward(&[token], &mut cache)?;
+            }
+            runs.push(args.decode_tokens as f64 / started.elapsed().as_secs_f64());
         }
-        runs.push(args.decode_tokens as f64 / started.elapsed().as_secs_f64());
+        tests.push(TestResult::new(format!("tg{}", args.decode_tokens), args.decode_tokens, runs));
+        eprintln!("{id}: tg{} done", args.decode_tokens);
     }
-    tests.push(TestResult::new(format!("tg{}", args.decode_tokens), args.decode_tokens, runs));
-    eprintln!("{id}: tg{} done", args.decode_tokens);
 
     let label_scoring = time_label_scoring(&model, args.repetitions)?;
     eprintln!("{id}: label scoring done");

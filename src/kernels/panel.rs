@@ -351,14 +351,14 @@ mod tests {
             assert_eq!(run(kernel, &weights, &activations, rows, blocks), whole, "{name}, whole product");
             for row in 0..rows {
                 for col in 0..m {
-                    let one = run(
+                    let alone = run(
                         kernel,
                         &weights[row * blocks..(row + 1) * blocks],
                         &activations[col * blocks..(col + 1) * blocks],
                         1,
                         blocks,
                     );
-                    assert_eq!(one[0].to_bits(), whole[row * m + col].to_bits(), "{name}, row {row}, column {col}");
+                    assert_eq!(alone[0].to_bits(), whole[row * m + col].to_bits(), "{name}, row {row}, column {col}");
                 }
             }
         }

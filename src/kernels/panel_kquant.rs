@@ -421,9 +421,9 @@ mod tests {
             assert!(product(0, rows, 0, &mut whole));
             for row in 0..rows {
                 for col in 0..m {
-                    let mut one = [0f32];
-                    assert!(product(row, 1, col, &mut one));
-                    assert_eq!(one[0].to_bits(), whole[row * m + col].to_bits(), "{name}, row {row}, column {col}");
+                    let mut alone = [0f32];
+                    assert!(product(row, 1, col, &mut alone));
+                    assert_eq!(alone[0].to_bits(), whole[row * m + col].to_bits(), "{name}, row {row}, column {col}");
                 }
             }
         }
